@@ -1,0 +1,69 @@
+"""Seconds per epoch: dense student vs variational student (VD), + KD, + BSR, through the real `fit`.
+
+Targets (foundation issue): a distillation epoch <= 2.2x a dense-student epoch of the same architecture
+and batch; BSR adds <= 10% to an epoch.
+
+    python benchmarks/epoch_speed.py                 # full MNIST in artifacts/prepare, 2 epochs each
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from varstudent.data import load_prepared
+from varstudent.losses import BlockSparseRegularizer, LossWeights, paired_weights, student_loss
+from varstudent.nn.architectures import build_model, build_spec
+from varstudent.train import FitSettings, fit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="artifacts/prepare")
+    parser.add_argument("--student", default="mlp-500-50")
+    parser.add_argument("--teacher", default="mlp-1200-1200")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=100)
+    args = parser.parse_args()
+    data = load_prepared(Path(args.data))
+    x, y, n = data.x_train, data.y_train, data.x_train.shape[0]
+    teacher = build_model(build_spec(args.teacher, data.input_shape, data.num_classes))
+    teacher_logits = torch.randn(n, data.num_classes)  # the values do not change the cost
+    settings = FitSettings(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, progress=False)
+
+    def timed(variational: bool, kd: float, vd: float, bsr_weight: float) -> float:
+        torch.manual_seed(0)
+        model = build_model(build_spec(args.student, data.input_shape, data.num_classes, variational=variational))
+        if not variational:
+            def loss_fn(m, logits, targets, index, epoch):
+                loss = F.cross_entropy(logits, targets)
+                return loss, {"ce": loss}
+        else:
+            bsr = BlockSparseRegularizer(*paired_weights(teacher, model)) if bsr_weight else None
+            weights = LossWeights(kd, 4.0, "teacher_student", vd, bsr_weight)
+
+            def loss_fn(m, logits, targets, index, epoch):
+                return student_loss(m, logits, targets, teacher_logits[index], weights, 1.0, n, bsr)
+        result = fit(model, x, y, loss_fn, settings)
+        return statistics.median(h["seconds"] for h in result.history)
+
+    rows = [("dense student (CE)", timed(False, 0, 0, 0)),
+            ("VD layers, CE only", timed(True, 0, 0, 0)),
+            ("Sparse VD (CE + KL)", timed(True, 0, 1, 0)),
+            ("VS (CE + KD + KL)", timed(True, 1, 1, 0)),
+            ("VS + BSR", timed(True, 1, 1, 1e-5))]
+    base = rows[0][1]
+    print(f"{args.student} on {n} samples, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+          f"median of {args.epochs} epochs\n")
+    print("| configuration | s/epoch | x dense |\n|---|---|---|")
+    for name, secs in rows:
+        print(f"| {name} | {secs:.2f} | {secs / base:.2f} |")
+    print(f"\nBSR overhead: {100 * (rows[4][1] / rows[3][1] - 1):+.1f}% of a VS epoch")
+
+
+if __name__ == "__main__":
+    main()

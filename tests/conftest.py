@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny prepared dataset built from scikit-learn's digits (no network)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared digits (1,437 train / 360 test, 1x8x8), written once per test session."""
+    from varstudent import stages
+    from varstudent.config import load_params
+
+    out = tmp_path_factory.mktemp("digits") / "prepare"
+    stages.prepare(load_params(None, ["data.dataset=digits", "tracking.enabled=false"]), out)
+    return out
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+        ) -> subprocess.CompletedProcess[str]:
+    """Run the installed `varstudent` console script in a real subprocess."""
+    exe = shutil.which("varstudent", path=str(Path(sys.executable).parent)) or "varstudent"
+    full_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    return subprocess.run([exe, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """One error line naming the problem, exit 1, and no Python traceback."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("varstudent: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]

@@ -1,0 +1,81 @@
+"""Model artifacts: safetensors + JSON spec round trip; damaged artifacts are clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from varstudent.artifacts import load_model, save_model
+from varstudent.errors import ArtifactError
+from varstudent.nn.architectures import build_model, build_spec
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    net = build_model(build_spec("lenet5", (1, 28, 28), 10, width=0.2, variational=True)).eval()
+    save_model(net, tmp_path, "m", meta={"note": "x"})
+    return tmp_path, net
+
+
+def test_round_trip_gives_the_same_function(saved) -> None:
+    folder, net = saved
+    loaded = load_model(folder, "m")
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), net(x))
+    doc = json.loads((folder / "m.json").read_text())
+    assert doc["meta"] == {"note": "x"} and doc["spec"]["variational"] is True
+
+
+def test_no_pickle_anywhere(saved) -> None:
+    folder, _ = saved
+    assert sorted(p.name for p in folder.iterdir()) == ["m.json", "m.safetensors"]
+    assert not (folder / "m.safetensors").read_bytes().startswith(b"\x80")  # a pickle stream starts so
+
+
+def test_truncated_weights(saved) -> None:
+    folder, _ = saved
+    data = (folder / "m.safetensors").read_bytes()
+    (folder / "m.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="checksum does not match"):
+        load_model(folder, "m")
+
+
+def test_spec_that_does_not_match_the_weights(saved) -> None:
+    folder, _ = saved
+    doc = json.loads((folder / "m.json").read_text())
+    doc["spec"]["layers"][-1]["out"] = 7  # a tampered spec: checksum of the weights still matches
+    (folder / "m.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match="has shape"):
+        load_model(folder, "m")
+
+
+def test_missing_tensor(saved, tmp_path: Path) -> None:
+    folder, net = saved
+    from safetensors.torch import save
+
+    tensors = {k: v for k, v in net.state_dict().items() if k != "blocks.0.op.bias"}
+    blob = save(tensors)
+    (folder / "m.safetensors").write_bytes(blob)
+    doc = json.loads((folder / "m.json").read_text())
+    import hashlib
+
+    doc["sha256"] = hashlib.sha256(blob).hexdigest()
+    (folder / "m.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match="missing: \\['blocks.0.op.bias'\\]"):
+        load_model(folder, "m")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: (f / "m.json").unlink(), "model spec not found"),
+    (lambda f: (f / "m.safetensors").unlink(), "model weights not found"),
+    (lambda f: (f / "m.json").write_text("{not json"), "not valid JSON"),
+    (lambda f: (f / "m.json").write_text('{"format_version": 99}'), "not a varstudent model spec"),
+])
+def test_missing_or_foreign_files(saved, damage, message: str) -> None:
+    folder, _ = saved
+    damage(folder)
+    with pytest.raises(ArtifactError, match=message):
+        load_model(folder, "m")

@@ -1,0 +1,74 @@
+"""params.yaml validation: every bad value is one clear ConfigError, overrides are typed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from varstudent.config import Params, load_params
+from varstudent.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_yaml_is_valid_and_complete() -> None:
+    params = load_params(REPO / "params.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    # every setting is written out in the committed file, so params.yaml documents all knobs
+    assert set(raw) == set(Params().to_dict())
+    for section, values in Params().to_dict().items():
+        if isinstance(values, dict):
+            assert set(raw[section]) == set(values), section
+    assert params.data.dataset == "mnist" and params.student.arch == "mlp-500-50"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("distill.kd_wieght=1", "unknown key 'distill.kd_wieght'"),
+    ("nosection.x=1", "unknown key 'nosection'"),
+    ("distill.kd_weight=-1", "distill.kd_weight: must be >= 0.0"),
+    ("distill.temperature=0", "distill.temperature: must be > 0.0"),
+    ("distill.epochs=2.5", "distill.epochs: expected an integer"),
+    ("distill.epochs=true", "distill.epochs: expected an integer"),
+    ("distill.lr=fast", "distill.lr: expected a number"),
+    ("distill.lr=.nan", "distill.lr: expected a finite number"),
+    ("distill.bsr_norm=l3", "distill.bsr_norm: must be one of linf, l2"),
+    ("runtime.progress=3", "runtime.progress: expected true or false"),
+    ("prune.threshold=9", "prune.threshold: must be <= 8.0"),
+    ("data.test_fraction=0", "data.test_fraction: must be > 0.0"),
+    ("distill=3", "distill: expected a mapping"),
+    ("novalue", "--set expects section.key=value"),
+])
+def test_bad_values_are_one_clear_error(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(None, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_overrides_are_read_as_yaml_and_win_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("distill:\n  kd_weight: 0.5\n  epochs: 3\n")
+    params = load_params(path, ["distill.epochs=7", "data.dataset=dir:/x/y", "tracking.enabled=false"])
+    assert params.distill.kd_weight == 0.5 and params.distill.epochs == 7
+    assert params.data.dataset == "dir:/x/y" and params.tracking.enabled is False
+    assert isinstance(load_params(None, ["distill.lr=1"]).distill.lr, float)
+
+
+def test_unreadable_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_params(scalar)
+
+
+def test_digest_changes_with_any_setting() -> None:
+    assert load_params(None).digest() == load_params(None).digest()
+    assert load_params(None).digest() != load_params(None, ["distill.kd_weight=0.31"]).digest()

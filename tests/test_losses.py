@@ -1,0 +1,108 @@
+"""The loss terms: KD, KL warm-up, the Block Sparse Regularizer, and their composition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from varstudent.errors import ConfigError
+from varstudent.losses import (
+    BlockSparseRegularizer,
+    LossWeights,
+    kd_loss,
+    kl_warmup,
+    paired_weights,
+    student_loss,
+)
+from varstudent.nn.architectures import build_model, build_spec
+from varstudent.nn.variational import total_kl
+
+
+def test_kd_is_zero_for_identical_logits_and_positive_otherwise() -> None:
+    z = torch.randn(8, 10)
+    assert kd_loss(z, z, 4.0).abs() < 1e-6
+    assert kd_loss(z, torch.randn(8, 10), 4.0) > 0
+
+
+def test_kd_directions_match_their_definitions() -> None:
+    zs, zt, t = torch.randn(5, 4), torch.randn(5, 4), 3.0
+    ps, pt = torch.softmax(zs / t, 1), torch.softmax(zt / t, 1)
+    forward = (pt * (pt.log() - ps.log())).sum(1).mean() * t * t
+    reverse = (ps * (ps.log() - pt.log())).sum(1).mean() * t * t
+    torch.testing.assert_close(kd_loss(zs, zt, t, "teacher_student"), forward)
+    torch.testing.assert_close(kd_loss(zs, zt, t, "student_teacher"), reverse)
+    assert not torch.isclose(forward, reverse)
+
+
+def test_kl_warmup_rises_linearly_to_one() -> None:
+    assert [kl_warmup(e, 4) for e in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert kl_warmup(0, 0) == 1.0
+
+
+def _hand_bsr(teacher: torch.Tensor, student: torch.Tensor, norm: str, dim: int) -> float:
+    """Pad both to the common shape, stack, and sum the norm of each block, written out by loops."""
+    shape = [max(a, b) for a, b in zip(teacher.shape, student.shape)]
+    stacked = torch.zeros(2, *shape)
+    stacked[0][tuple(slice(0, s) for s in teacher.shape)] = teacher
+    stacked[1][tuple(slice(0, s) for s in student.shape)] = student
+    total = 0.0
+    for m in range(shape[dim]):
+        block = stacked.select(dim + 1, m)
+        total += block.abs().max().item() if norm == "linf" else block.pow(2).sum().sqrt().item()
+    return total
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("blocks,dim", [("out", 0), ("in", 1)])
+def test_bsr_equals_a_hand_computation(norm: str, blocks: str, dim: int) -> None:
+    teacher = [torch.tensor([[3.0, -1.0, 0.5], [0.0, 0.2, -0.1], [1.0, 1.0, 1.0], [-4.0, 0.0, 0.0]]),
+               torch.randn(5, 3, 3, 3)]
+    student = [torch.nn.Parameter(torch.tensor([[-5.0, 0.1], [0.3, -0.4]])),
+               torch.nn.Parameter(torch.randn(2, 4, 3, 3))]
+    bsr = BlockSparseRegularizer(teacher, student, norm, blocks)
+    expected = sum(_hand_bsr(t, s.detach(), norm, dim) for t, s in zip(teacher, student))
+    assert bsr().item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_bsr_sends_no_gradient_to_the_teacher() -> None:
+    teacher_net = build_model(build_spec("mlp-20-10", (1, 4, 4), 3))
+    student_net = build_model(build_spec("mlp-8-4", (1, 4, 4), 3, variational=True))
+    bsr = BlockSparseRegularizer(*paired_weights(teacher_net, student_net))
+    bsr().backward()
+    assert all(p.grad is None for p in teacher_net.parameters())
+    assert any(b.op.weight.grad is not None and b.op.weight.grad.abs().sum() > 0 for b in student_net.blocks)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_student_block_under_an_empty_teacher_block_shrinks_faster(norm: str) -> None:
+    # teacher row 0 is all zero, row 1 is large; the two student rows start identical
+    teacher = [torch.tensor([[0.0, 0.0, 0.0], [2.0, -2.0, 2.0]])]
+    student = torch.nn.Parameter(torch.tensor([[0.5, -0.4, 0.3], [0.5, -0.4, 0.3]]))
+    bsr = BlockSparseRegularizer(teacher, [student], norm, "out")
+    optimizer = torch.optim.SGD([student], lr=0.01)
+    for _ in range(20):
+        optimizer.zero_grad()
+        bsr().backward()
+        optimizer.step()
+    shrink = 1 - student.detach().abs().sum(1) / torch.tensor([1.2, 1.2])
+    assert shrink[0] > shrink[1] + 0.05, shrink
+
+
+def test_bsr_rejects_layers_that_do_not_pair_by_depth() -> None:
+    teacher_net = build_model(build_spec("mlp-20-10-10", (1, 4, 4), 3))
+    student_net = build_model(build_spec("mlp-8-4", (1, 4, 4), 3, variational=True))
+    with pytest.raises(ConfigError, match="pairs layers by depth"):
+        paired_weights(teacher_net, student_net)
+
+
+def test_student_loss_weights_switch_terms_on_and_off() -> None:
+    student = build_model(build_spec("mlp-8", (1, 4, 4), 3, variational=True)).train()
+    x, y, zt = torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,)), torch.randn(6, 3)
+    logits = student(x)
+    plain = LossWeights(kd=0, temperature=2, kd_direction="teacher_student", vd=0, bsr=0)
+    total, terms = student_loss(student, logits, y, zt, plain, 1.0, 100, None)
+    assert set(terms) == {"ce"} and torch.equal(total, terms["ce"])
+    full = LossWeights(kd=0.5, temperature=2, kd_direction="teacher_student", vd=2.0, bsr=0)
+    total, terms = student_loss(student, logits, y, zt, full, 0.5, 100, None)
+    expected = terms["ce"] + 0.5 * kd_loss(logits, zt, 2) + 2.0 * 0.5 * total_kl(student) / 100
+    torch.testing.assert_close(total, expected)

@@ -1,0 +1,92 @@
+"""The training loop: convergence stop, divergence, lr schedule; and the model behaves (loss falls, sparsity rises)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from varstudent.errors import TrainingError
+from varstudent.losses import LossWeights, student_loss
+from varstudent.nn.architectures import build_model, build_spec
+from varstudent.train import FitSettings, accuracy, fit, lr_factor
+
+
+def _ce(model, logits, targets, index, epoch):
+    loss = F.cross_entropy(logits, targets)
+    return loss, {"ce": loss}
+
+
+def _toy(n: int = 200):
+    x = torch.randn(n, 1, 2, 2)
+    y = (x.flatten(1).sum(1) > 0).long()
+    return x, y
+
+
+def test_stops_once_converged_and_says_why() -> None:
+    x, y = _toy()
+    model = build_model(build_spec("mlp-8", (1, 2, 2), 2))
+    settings = FitSettings(epochs=200, batch_size=50, lr=0.05, converge_tol=0.05, patience=2, progress=False)
+    result = fit(model, x, y, _ce, settings)
+    assert result.epochs_run < 200 and result.stop_reason.startswith("converged")
+    assert len(result.history) == result.epochs_run
+
+
+def test_warm_up_epochs_do_not_count_towards_convergence() -> None:
+    x, y = _toy()
+    model = build_model(build_spec("mlp-8", (1, 2, 2), 2))
+    settings = FitSettings(epochs=12, batch_size=50, lr=0.0, converge_tol=0.5, patience=1, converge_after=8,
+                           progress=False)
+    result = fit(model, x, y, _ce, settings)  # lr 0: the loss never changes, so only the warm-up delays the stop
+    assert result.epochs_run == 9
+
+
+def test_runs_to_the_limit_when_not_converged() -> None:
+    x, y = _toy()
+    model = build_model(build_spec("mlp-8", (1, 2, 2), 2))
+    result = fit(model, x, y, _ce, FitSettings(epochs=3, batch_size=50, lr=0.01, progress=False))
+    assert result.epochs_run == 3 and "epoch limit" in result.stop_reason
+
+
+def test_a_non_finite_loss_stops_with_where_and_which_term() -> None:
+    x, y = _toy()
+    model = build_model(build_spec("mlp-8", (1, 2, 2), 2))
+
+    def exploding(m, logits, targets, index, epoch):
+        ce = F.cross_entropy(logits, targets)
+        bad = torch.tensor(math.inf) if epoch == 1 else torch.tensor(0.0)
+        return ce + bad, {"ce": ce, "kl": bad}
+
+    with pytest.raises(TrainingError, match=r"epoch 2, batch 1 \(non-finite term: kl\)"):
+        fit(model, x, y, exploding, FitSettings(epochs=3, batch_size=50, lr=0.01, progress=False))
+
+
+def test_lr_decays_linearly_to_zero_after_the_start() -> None:
+    s = FitSettings(epochs=10, batch_size=1, lr=1.0, lr_decay_start=0.5)
+    assert [lr_factor(e, s) for e in (0, 4, 5, 6, 9)] == [1.0, 1.0, 1.0, 0.8, 0.2]
+    assert lr_factor(9, FitSettings(epochs=10, batch_size=1, lr=1.0)) == 1.0
+
+
+@pytest.mark.slow
+def test_variational_student_learns_and_sparsifies(digits_dir) -> None:
+    # model behaviour: the loss falls, accuracy is far above chance, and the KL term prunes weights
+    from varstudent.data import load_prepared
+    from varstudent.prune import layer_table
+
+    data = load_prepared(digits_dir)
+    student = build_model(build_spec("mlp-100-50", data.input_shape, 10, variational=True))
+    # on 1,437 samples the KL per sample is large: a lighter weight keeps the data term in charge
+    weights = LossWeights(kd=0, temperature=1, kd_direction="teacher_student", vd=0.2, bsr=0)
+    n = data.x_train.shape[0]
+
+    def loss_fn(m, logits, targets, index, epoch):
+        return student_loss(m, logits, targets, None, weights, 1.0, n, None)
+
+    result = fit(student, data.x_train, data.y_train, loss_fn,
+                 FitSettings(epochs=30, batch_size=50, lr=3e-3, lr_decay_start=0.5, progress=False))
+    assert result.history[-1]["ce"] < 0.5 * result.history[0]["ce"]
+    assert accuracy(student, data.x_test, data.y_test) > 0.8
+    rows = layer_table(student)
+    assert sum(r["nonzero"] for r in rows) < 0.5 * sum(r["weights"] for r in rows)

@@ -1,0 +1,106 @@
+"""Self-describing model artifacts: NAME.safetensors (weights) + NAME.json (spec, tensor shapes, sha256).
+
+Never pickle: one call, `load_model`, rebuilds the network from the spec and checks every tensor
+against it, so a truncated, tampered or mismatched artifact is a clear error, not a silent wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from varstudent.errors import ArtifactError
+from varstudent.nn.architectures import Net, build_model
+
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ArtifactError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError(f"{what} is not valid JSON: {path}") from None
+
+
+def save_model(model: Net, directory: Path, name: str = "model", meta: dict[str, Any] | None = None) -> Path:
+    """Write NAME.safetensors then NAME.json (the JSON last: its presence marks a complete artifact)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    blob = save(tensors)
+    weights = directory / f"{name}.safetensors"
+    atomic_write_bytes(weights, blob)
+    doc = {"format_version": FORMAT_VERSION, "spec": model.spec, "meta": meta or {},
+           "tensors": {k: list(v.shape) for k, v in tensors.items()},
+           "sha256": hashlib.sha256(blob).hexdigest()}
+    write_json(directory / f"{name}.json", doc)
+    return weights
+
+
+def load_model(directory: Path, name: str = "model", device: str | torch.device = "cpu") -> Net:
+    from safetensors.torch import load
+
+    doc = read_json(directory / f"{name}.json", "model spec")
+    weights = directory / f"{name}.safetensors"
+    if not weights.is_file():
+        raise ArtifactError(f"model weights not found: {weights}")
+    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION or "spec" not in doc:
+        raise ArtifactError(f"{directory / (name + '.json')}: not a varstudent model spec "
+                            f"(format_version {FORMAT_VERSION} expected)")
+    blob = weights.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != doc.get("sha256"):
+        raise ArtifactError(f"{weights}: checksum does not match its spec (file modified or truncated)")
+    try:
+        tensors = load(blob)
+    except Exception as exc:  # safetensors raises several kinds (and versions differ) on corrupt input
+        raise ArtifactError(f"{weights}: unreadable safetensors file ({exc})") from None
+    try:
+        model = build_model(doc["spec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{directory / (name + '.json')}: malformed spec ({exc!r})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ArtifactError(f"{weights}: tensors do not match the spec (missing: {missing[:3]}, "
+                            f"unexpected: {extra[:3]})")
+    for key, value in expected.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise ArtifactError(f"{weights}: tensor {key} has shape {tuple(tensors[key].shape)}, the spec "
+                                f"says {tuple(value.shape)}")
+    model.load_state_dict(tensors)
+    return model.to(device).eval()
+

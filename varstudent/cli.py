@@ -1,0 +1,153 @@
+"""`varstudent`: one command per stage, plus `run` for all five in order.
+
+Every command takes --params FILE, repeatable --set section.key=value, and --out DIR (the artifacts
+root; each stage reads and writes its own sub-folder there). Errors the user can fix print one line and
+exit 1; no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from varstudent.errors import VarstudentError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distil a teacher network into a sparse variational student, prune and evaluate it.")
+
+STAGES = ("prepare", "teacher", "distill", "prune", "evaluate")
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file (every setting lives here)")
+SetOpt = typer.Option(None, "--set", help="override one setting, e.g. --set distill.epochs=5 (repeatable)")
+OutOpt = typer.Option(Path("artifacts"), "--out", help="artifacts root; each stage uses OUT/<stage>/")
+
+
+def stage_dirs(out: Path) -> dict[str, Path]:
+    """The one place the artifact layout is defined: OUT/<stage>/."""
+    return {name: out / name for name in STAGES}
+
+
+def _load(params_file: Path, overrides: list[str] | None):
+    from varstudent.config import load_params
+
+    default = params_file == Path("params.yaml") and not params_file.exists()
+    return load_params(None if default else params_file, overrides or [])
+
+
+def _call(name: str, params, out: Path, tracker=None) -> dict[str, Any]:
+    from varstudent import stages
+
+    d = stage_dirs(out)
+    calls: dict[str, Callable[[], dict[str, Any]]] = {
+        "prepare": lambda: stages.prepare(params, d["prepare"]),
+        "teacher": lambda: stages.teacher(params, d["prepare"], d["teacher"]),
+        "distill": lambda: stages.distill(params, d["prepare"], d["teacher"], d["distill"]),
+        "prune": lambda: stages.prune(params, d["prepare"], d["distill"], d["prune"]),
+        "evaluate": lambda: stages.evaluate(params, d["prepare"], d["teacher"], d["distill"], d["prune"],
+                                            d["evaluate"]),
+    }
+    if tracker is None:
+        from varstudent.tracking import Tracker
+
+        tracker = Tracker(params)
+    started = time.perf_counter()
+    with tracker.stage(name) as logged:
+        metrics = calls[name]()
+        logged.update(metrics)
+    logging.getLogger("varstudent").info("%s done in %.1f s -> %s", name, time.perf_counter() - started,
+                                         stage_dirs(out)[name])
+    return metrics
+
+
+def _stage_command(name: str, doc: str) -> None:
+    def command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, out: Path = OutOpt) -> None:
+        metrics = _call(name, _load(params, set_), out)
+        if name == "evaluate":
+            typer.echo(summary_table(metrics))
+
+    command.__doc__ = doc
+    app.command(name)(command)
+
+
+_stage_command("prepare", "Obtain and decode the dataset once; write OUT/prepare/.")
+_stage_command("teacher", "Train the dense teacher; write OUT/teacher/.")
+_stage_command("distill", "Train the sparse variational student from the teacher; write OUT/distill/.")
+_stage_command("prune", "Drop weights with log alpha >= threshold and dead units; write OUT/prune/.")
+_stage_command("evaluate", "Accuracy, sparsity, compression, bytes, CPU throughput; write OUT/evaluate/.")
+
+
+@app.command()
+def run(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, out: Path = OutOpt) -> None:
+    """Run all five stages in order and print the summary table."""
+    from varstudent.tracking import Tracker
+
+    settings = _load(params, set_)
+    tracker = Tracker(settings)
+    started = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    for name in STAGES:
+        metrics = _call(name, settings, out, tracker)
+    typer.echo(summary_table(metrics))
+    typer.echo(f"total {time.perf_counter() - started:.0f} s; report: {stage_dirs(out)['evaluate'] / 'report.md'}")
+
+
+@app.command("params")
+def show_params(params: Path = ParamsOpt, set_: list[str] | None = SetOpt) -> None:
+    """Validate the params file and print the effective settings."""
+    import yaml
+
+    typer.echo(yaml.safe_dump(_load(params, set_).to_dict(), sort_keys=False).rstrip())
+
+
+def summary_table(m: dict[str, Any]) -> str:
+    rows = [
+        ("teacher", m["teacher_accuracy"], m["teacher_weights"], m["teacher_weights"], m["teacher_bytes"]),
+        ("student (masked)", m["student_accuracy"], m["student_weights"], m["student_nonzero_weights"], None),
+        ("compact student", m["compact_accuracy"], m["compact_weights"], m["nonzero_weights"], m["compact_bytes"]),
+    ]
+    lines = [f"{'model':<18}{'test acc':>10}{'weights':>12}{'nonzero':>11}{'bytes':>12}"]
+    for name, acc, weights, nonzero, size in rows:
+        lines.append(f"{name:<18}{100 * acc:>9.2f}%{weights:>12,}{nonzero:>11,}"
+                     f"{(f'{size:,}' if size else '-'):>12}")
+    lines.append(f"compression: {m['compression_vs_student']:.1f}x vs dense student, "
+                 f"{m['compression_vs_teacher']:.1f}x vs teacher; compact is "
+                 f"{m['compact_speedup_vs_teacher_b256']:.1f}x the teacher's throughput at batch 256 "
+                 f"({m['threads']} threads)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import click
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("varstudent: %(message)s"))
+    logger = logging.getLogger("varstudent")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        app(standalone_mode=False)
+    except VarstudentError as exc:
+        print(f"varstudent: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("varstudent: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("varstudent: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except OSError as exc:  # disk full, permission denied: the user can act on these
+        print(f"varstudent: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Typed, frozen settings for every stage, filled from params.yaml (the one source of settings).
+
+Each section of params.yaml is one dataclass below. A field's metadata carries its valid range or choices
+and a one-line reason; `load_params` rejects unknown keys, wrong types and out-of-range values with one
+clear line. CLI, DVC and KFP all go through `load_params`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from varstudent.errors import ConfigError
+
+# names checked when params are read, so a typo fails before any stage spends time
+ARCH_PATTERN = r"mlp(-\d+)+|lenet-300-100|lenet5|vgg-like"
+DATASET_PATTERN = r"mnist|mnist5k|digits|dir:.+"
+
+
+def _f(default: Any, why: str, *, lo: float | None = None, hi: float | None = None,
+       lo_open: bool = False, choices: tuple[str, ...] | None = None, pattern: str | None = None) -> Any:
+    """A field with its reason and its valid range (lo/hi inclusive unless lo_open) or name pattern."""
+    return field(default=default, metadata={"why": why, "lo": lo, "hi": hi, "lo_open": lo_open,
+                                            "choices": choices, "pattern": pattern})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _f("mnist", "mnist | mnist5k | digits | dir:PATH (a folder of IDX files)",
+                      pattern=DATASET_PATTERN)
+    raw_dir: str = _f("data/raw", "where prepare keeps downloaded archives; training never reads it")
+    test_fraction: float = _f(0.2, "held-out share for datasets without an official test split",
+                              lo=0.0, hi=0.9, lo_open=True)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    arch: str = _f("mlp-1200-1200", "mlp-H1-H2-..., lenet-300-100, lenet5 or vgg-like", pattern=ARCH_PATTERN)
+    width: float = _f(1.0, "multiplies every hidden width (vgg-like's width factor)", lo=0.0, lo_open=True)
+    epochs: int = _f(5, "training epochs of the dense teacher", lo=1)
+    batch_size: int = _f(100, "mini-batch size", lo=1)
+    lr: float = _f(1e-3, "Adam learning rate", lo=0.0, hi=1.0, lo_open=True)
+    lr_decay_start: float = _f(0.5, "fraction of `epochs` after which lr decays linearly to 0 (1 = never)",
+                               lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    arch: str = _f("mlp-500-50", "as teacher.arch; built with sparse variational layers", pattern=ARCH_PATTERN)
+    width: float = _f(1.0, "multiplies every hidden width", lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    epochs: int = _f(40, "at most this many epochs; training may stop earlier once converged", lo=1)
+    batch_size: int = _f(100, "mini-batch size (Molchanov et al. use 100)", lo=1)
+    lr: float = _f(1e-3, "Adam learning rate", lo=0.0, hi=1.0, lo_open=True)
+    lr_decay_start: float = _f(0.5, "fraction of `epochs` after which lr decays linearly to 0 (1 = never)",
+                               lo=0.0, hi=1.0)
+    kd_weight: float = _f(0.3, "lambda_T: weight of the teacher hint; 0 = no distillation", lo=0.0)
+    temperature: float = _f(4.0, "T: softening temperature of the hint", lo=0.0, lo_open=True)
+    kd_direction: str = _f("teacher_student", "KL(teacher||student), the usual KD, or the paper's "
+                           "KL(student||teacher)", choices=("teacher_student", "student_teacher"))
+    vd_weight: float = _f(1.0, "lambda_V: weight of the variational-dropout KL; 0 = no sparsification",
+                          lo=0.0)
+    kl_warmup_epochs: int = _f(5, "beta rises linearly from 0 to 1 over this many epochs", lo=0)
+    bsr_weight: float = _f(1e-5, "lambda_g: weight of the Block Sparse Regularizer; 0 = off", lo=0.0)
+    bsr_norm: str = _f("linf", "block norm: linf (l1/l_inf, the paper's) or l2 (l1/l2)",
+                       choices=("linf", "l2"))
+    bsr_blocks: str = _f("out", "blocks are output units (rows/filters) or input units (columns)",
+                         choices=("out", "in"))
+    converge_tol: float = _f(1e-3, "stop once the relative change of the epoch loss stays below this",
+                             lo=0.0)
+    patience: int = _f(3, "... for this many consecutive epochs after the KL warm-up", lo=1)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    threshold: float = _f(3.0, "weights with log alpha >= threshold are zero (Molchanov et al.: 3)",
+                          lo=-8.0, hi=8.0)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    latency_repeats: int = _f(20, "timed repetitions per throughput measurement", lo=1)
+    latency_warmup: int = _f(3, "untimed repetitions first", lo=0)
+    threads: int = _f(0, "CPU threads for throughput; 0 = torch's default", lo=0)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = _f("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
+    progress: bool = _f(True, "show progress bars on a terminal")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = _f(True, "log one MLflow run per stage")
+    uri: str = _f("sqlite:///mlruns.db", "MLflow tracking URI; sqlite is the embedded default")
+    experiment: str = _f("varstudent", "MLflow experiment name")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = _f(0, "seeds torch, numpy and data splits", lo=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short hash of the effective settings, for lineage tags."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _check_value(name: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    elif typ is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{name}: must be one of {', '.join(meta['choices'])}; got {value!r}")
+    if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
+        known = meta["pattern"].replace("(-\\d+)+", "-H1-H2-...").replace("|", ", ").replace(":.+", ":PATH")
+        raise ConfigError(f"{name}: unknown name {value!r} (known: {known})")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
+        raise ConfigError(f"{name}: must be {bound}; got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name}: must be <= {hi}; got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key '{where}{unknown[0]}' (known in {prefix or 'top level'}: "
+                          f"{', '.join(fields)})")
+    values = {}
+    for name, value in raw.items():
+        full = f"{prefix}.{name}" if prefix else name
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            values[name] = _build(typ, value if value is not None else {}, full)
+        else:
+            values[name] = _check_value(full, fields[name], typ, value)
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'distill.kd_weight=0.5' -> (['distill', 'kd_weight'], 0.5); the value is read as YAML."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read params.yaml (or the defaults when path is None), apply --set overrides, validate."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"params file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raw = loaded or {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return _build(Params, raw, "")
+

@@ -1,0 +1,159 @@
+"""The prepared-data format that every stage after `prepare` reads.
+
+`out_dir/data.safetensors` holds x_train, y_train, x_test, y_test (x uint8 (N, C, H, W), y int64) and
+`out_dir/manifest.json` describes them, including the sha256 of the data file, so a later stage can
+tell a stale or damaged file from the one `prepare` wrote. The manifest is written last: its presence
+means a complete write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from varstudent.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT_VERSION = 1
+DATA_FILE = "data.safetensors"
+MANIFEST_FILE = "manifest.json"
+_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temp file in the same folder, then os.replace: readers never see a half-written file."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _validate(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+              classes: list[int]) -> None:
+    if list(classes) != list(range(len(classes))) or not classes:
+        raise DataError(f"classes must be 0..K-1 (labels are used as indices), got {list(classes)[:12]}")
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if x.dtype != np.uint8 or x.ndim != 4:
+            raise DataError(f"x_{split} must be a 4-D uint8 array (N, C, H, W), got {x.ndim}-D {x.dtype}")
+        if y.dtype != np.int64 or y.ndim != 1:
+            raise DataError(f"y_{split} must be a 1-D int64 array, got {y.ndim}-D {y.dtype}")
+        if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+            raise DataError(f"{split} split has {x.shape[0]} images and {y.shape[0]} labels; need equal and > 0")
+        if y.min() < 0 or y.max() >= len(classes):
+            raise DataError(f"y_{split} has labels outside the classes 0..{len(classes) - 1}")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"train images are {x_train.shape[1:]} but test images are {x_test.shape[1:]}")
+    missing = sorted(set(classes) - set(np.unique(y_train).tolist()))
+    if missing:
+        raise DataError(f"classes {missing} have no training examples")
+
+
+def write_prepared(out_dir: Path, dataset: str, x_train: np.ndarray, y_train: np.ndarray,
+                   x_test: np.ndarray, y_test: np.ndarray, classes: list[int]) -> dict[str, Any]:
+    """Validate and write data.safetensors then manifest.json into `out_dir`; return the manifest."""
+    from safetensors.numpy import save_file
+
+    _validate(x_train, y_train, x_test, y_test, classes)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v) for k, v in zip(_KEYS, (x_train, y_train, x_test, y_test), strict=True)}
+    data_path = out_dir / DATA_FILE
+    digest: list[str] = []
+
+    def write_data(tmp: Path) -> None:
+        save_file(tensors, tmp)
+        digest.append(hashlib.sha256(tmp.read_bytes()).hexdigest())  # hash exactly what was written
+
+    _atomic_write(data_path, write_data)
+    k = len(classes)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "input_shape": [int(d) for d in x_train.shape[1:]],
+        "num_classes": k,
+        "n_train": int(x_train.shape[0]),
+        "n_test": int(x_test.shape[0]),
+        "class_counts_train": np.bincount(y_train, minlength=k).tolist(),
+        "class_counts_test": np.bincount(y_test, minlength=k).tolist(),
+        "pixel_mean": float(x_train.mean(dtype=np.float64)),
+        "sha256": digest[0],
+    }
+    text = json.dumps(manifest, indent=2) + "\n"
+    _atomic_write(out_dir / MANIFEST_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return manifest
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Prepared splits as tensors: x float32 in [0, 1] (N, C, H, W), y int64."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    manifest: dict[str, Any]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.manifest["input_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+
+def load_prepared(data_dir: Path) -> PreparedData:
+    """Read what `write_prepared` wrote, checking the sha256 and shapes against the manifest."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    data_dir = Path(data_dir)
+    manifest_path, data_path = data_dir / MANIFEST_FILE, data_dir / DATA_FILE
+    if not manifest_path.is_file():
+        raise DataError(f"{manifest_path}: no prepared data; run `varstudent prepare` first")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        input_shape = [int(d) for d in manifest["input_shape"]]
+        n_train, n_test = int(manifest["n_train"]), int(manifest["n_test"])
+        expected_sha = str(manifest["sha256"])
+        version = manifest["format_version"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{manifest_path}: unreadable manifest ({e!r}); run `varstudent prepare` again") from None
+    if version != FORMAT_VERSION:
+        raise DataError(f"{manifest_path}: format_version {version}, expected {FORMAT_VERSION}; "
+                        "run `varstudent prepare` again")
+    if not data_path.is_file():
+        raise DataError(f"{data_path}: missing; run `varstudent prepare` first")
+    raw = data_path.read_bytes()  # read once: hash and parse the same bytes
+    if hashlib.sha256(raw).hexdigest() != expected_sha:
+        raise DataError(f"{data_path}: sha256 does not match {MANIFEST_FILE}; it was modified or truncated "
+                        "(run `varstudent prepare` again)")
+    try:
+        t = load(raw)
+    except SafetensorError as e:
+        raise DataError(f"{data_path}: cannot parse ({e})") from None
+    expected = {"x_train": (torch.uint8, (n_train, *input_shape)), "y_train": (torch.int64, (n_train,)),
+                "x_test": (torch.uint8, (n_test, *input_shape)), "y_test": (torch.int64, (n_test,))}
+    for key, (dtype, shape) in expected.items():
+        if key not in t or t[key].dtype != dtype or tuple(t[key].shape) != shape:
+            got = f"{t[key].dtype} {tuple(t[key].shape)}" if key in t else "missing"
+            raise DataError(f"{data_path}: {key} should be {dtype} {shape} per the manifest, got {got}")
+    return PreparedData(x_train=t["x_train"].to(torch.float32).div_(255.0), y_train=t["y_train"],
+                        x_test=t["x_test"].to(torch.float32).div_(255.0), y_test=t["y_test"],
+                        manifest=manifest)

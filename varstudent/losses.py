@@ -1,0 +1,151 @@
+"""The Variational Student loss, one small function per term.
+
+    L = CE(y, z_s)
+      + kd_weight  * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))     hint from the frozen teacher
+      + vd_weight  * beta(epoch) * sum_layers KL_VD / N                sparse variational dropout
+      + bsr_weight * BSR(teacher weights : student weights)            Block Sparse Regularizer
+
+References: Hegde et al., "Variational Student", ICASSP 2020 (arXiv 1910.12061); Molchanov et al., ICML 2017;
+Hinton et al. 2015 for the T^2 factor (it keeps the hint's gradient scale independent of T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from varstudent.errors import ConfigError
+from varstudent.nn.variational import total_kl
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+            direction: str = "teacher_student") -> torch.Tensor:
+    """T^2 * KL between softened distributions, averaged over the batch.
+
+    teacher_student is the usual KD, KL(p_t || p_s); student_teacher is the paper's as reproduced.
+    """
+    log_ps = F.log_softmax(student_logits / temperature, dim=1)  # (B, classes)
+    log_pt = F.log_softmax(teacher_logits / temperature, dim=1)
+    if direction == "teacher_student":
+        kl = (log_pt.exp() * (log_pt - log_ps)).sum(1)
+    else:
+        kl = (log_ps.exp() * (log_ps - log_pt)).sum(1)
+    return temperature ** 2 * kl.mean()
+
+
+def kl_warmup(epoch: int, warmup_epochs: int) -> float:
+    """beta: 0 at epoch 0, rising linearly to 1 at `warmup_epochs` (Molchanov et al.'s reweighting)."""
+    return 1.0 if warmup_epochs == 0 else min(1.0, epoch / warmup_epochs)
+
+
+class _BlockMaxAbs(torch.autograd.Function):
+    """max |w| per row; its gradient goes to the one arg-max entry of each row.
+
+    autograd's amax backward builds full-size equality masks and the forward an abs() copy of the weights;
+    here the forward is two reductions (max and min, with their indices) and the backward one scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor) -> torch.Tensor:  # flat: (blocks, rest) -> (blocks,)
+        high, high_at = flat.max(1)
+        low, low_at = flat.min(1)
+        negative_wins = -low > high
+        ctx.save_for_backward(torch.where(negative_wins, low_at, high_at), negative_wins)
+        ctx.shape = flat.shape
+        return torch.where(negative_wins, -low, high)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        at, negative_wins = ctx.saved_tensors
+        out = grad.new_zeros(ctx.shape)
+        rows = torch.arange(ctx.shape[0], device=grad.device)
+        out[rows, at] = torch.where(negative_wins, -grad, grad)
+        return out
+
+
+class BlockSparseRegularizer(nn.Module):
+    """sum over blocks m of || W_{T:S}(m) ||, W_{T:S} the teacher's and student's weights stacked.
+
+    Our interpretation of the paper's unstated details:
+    - layers are paired by depth (i-th teacher layer with the i-th student layer, same kind);
+    - both tensors are zero-padded to their common shape and stacked, so block m holds teacher row m and
+      student row m ("out": output units/filters) or column m ("in": input units/channels);
+    - norm "linf" is the paper's l1/l_inf (sum of block maxima of |w|); "l2" is the group-lasso l1/l2.
+    A block's max |w| or sum of squares is the same with or without zero padding, and the teacher is frozen,
+    so its share of every block is a constant computed once here; per step only the student's share is
+    computed. Effect: where the teacher's block is large, the student's weights below it go unpenalised
+    (linf) or lightly penalised (l2); where the teacher's block is empty, the student's block is pushed
+    to zero - the teacher's structure steers which student weights die.
+    """
+
+    def __init__(self, teacher_weights: list[torch.Tensor], student_weights: list[nn.Parameter],
+                 norm: str = "linf", blocks: str = "out") -> None:
+        super().__init__()
+        if norm not in ("linf", "l2") or blocks not in ("out", "in"):
+            raise ConfigError(f"BSR: unknown norm {norm!r} or blocks {blocks!r}")
+        self.norm, self.dim = norm, 0 if blocks == "out" else 1
+        self.student_weights = list(student_weights)
+        for i, (t, s) in enumerate(zip(teacher_weights, self.student_weights)):
+            n_blocks = max(t.shape[self.dim], s.shape[self.dim])
+            stat = torch.zeros(n_blocks, device=s.device)
+            stat[: t.shape[self.dim]] = self._block_stat(t.detach().to(s.device))
+            self.register_buffer(f"teacher_stat_{i}", stat)
+
+    def _block_stat(self, w: torch.Tensor) -> torch.Tensor:
+        """Per-block max |w| (linf) or sum of w^2 (l2): (blocks,)."""
+        flat = w.transpose(0, self.dim).reshape(w.shape[self.dim], -1)  # (blocks, rest)
+        if self.norm == "linf":
+            return _BlockMaxAbs.apply(flat)
+        return (flat * flat).sum(1)
+
+    def forward(self) -> torch.Tensor:
+        total = torch.zeros((), device=self.student_weights[0].device)
+        for i, s in enumerate(self.student_weights):
+            teacher_stat = getattr(self, f"teacher_stat_{i}")
+            student_stat = F.pad(self._block_stat(s), (0, teacher_stat.numel() - s.shape[self.dim]))
+            if self.norm == "linf":
+                total = total + torch.maximum(teacher_stat, student_stat).sum()
+            else:  # the epsilon keeps the gradient finite for an all-zero block
+                total = total + torch.sqrt(teacher_stat + student_stat + 1e-12).sum()
+        return total
+
+
+def paired_weights(teacher: nn.Module, student: nn.Module) -> tuple[list[torch.Tensor], list[nn.Parameter]]:
+    """Teacher and student layer weights paired by depth; a mismatch is a configuration error."""
+    t_blocks, s_blocks = list(teacher.blocks), list(student.blocks)
+    t_kinds, s_kinds = [b.kind for b in t_blocks], [b.kind for b in s_blocks]
+    if t_kinds != s_kinds:
+        raise ConfigError(f"BSR pairs layers by depth, but the teacher's layers ({'-'.join(t_kinds)}) do "
+                          f"not match the student's ({'-'.join(s_kinds)}); set distill.bsr_weight=0 or "
+                          "pick architectures of the same depth")
+    return [b.op.weight for b in t_blocks], [b.op.weight for b in s_blocks]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    kd: float
+    temperature: float
+    kd_direction: str
+    vd: float
+    bsr: float
+
+
+def student_loss(student: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
+                 teacher_logits: torch.Tensor | None, weights: LossWeights, beta: float, n_train: int,
+                 bsr: BlockSparseRegularizer | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The total loss and its terms (unweighted, for the progress bar and history)."""
+    terms = {"ce": F.cross_entropy(logits, targets)}
+    total = terms["ce"]
+    if weights.kd > 0 and teacher_logits is not None:
+        terms["kd"] = kd_loss(logits, teacher_logits, weights.temperature, weights.kd_direction)
+        total = total + weights.kd * terms["kd"]
+    if weights.vd > 0:
+        terms["kl"] = total_kl(student) / n_train  # the ELBO's KL per training sample
+        total = total + weights.vd * beta * terms["kl"]
+    if weights.bsr > 0 and bsr is not None:
+        terms["bsr"] = bsr()
+        total = total + weights.bsr * terms["bsr"]
+    return total, terms

