@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 
 from varstudent.nn.variational import Conv2dSVD, LinearSVD, kl_approx, total_kl
@@ -16,10 +19,20 @@ def test_kl_decreases_in_log_alpha_and_vanishes() -> None:
     assert kl_approx(torch.tensor(40.0)).abs() < 1e-4  # -> 0 as log alpha -> inf
 
 
-def test_fused_kl_matches_autograd_value_and_gradient() -> None:
-    layer = LinearSVD(30, 20)
+@pytest.mark.parametrize("path", ["c_kernel", "pytorch"])
+def test_fused_kl_matches_autograd_value_and_gradient(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from varstudent.nn import variational
+    from varstudent.nn.kernels import vdkl_kernel
+
+    if path == "pytorch":
+        monkeypatch.setattr(variational, "vdkl_kernel", lambda: None)
+    elif shutil.which("cc") or shutil.which("gcc"):
+        assert vdkl_kernel() is not None  # with a compiler present the kernel must build and be used
+    else:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
+    layer = LinearSVD(300, 20)
     with torch.no_grad():
-        layer.log_sigma2.copy_(torch.randn(20, 30) * 6)  # spans both clip bounds of log alpha
+        layer.log_sigma2.copy_(torch.randn(20, 300) * 6)  # spans both clip bounds of log alpha
     expected = kl_approx(layer.log_alpha).sum()
     grad_w, grad_s = torch.autograd.grad(expected, [layer.weight, layer.log_sigma2])
     got = layer.kl()

@@ -116,7 +116,8 @@ def save_plots(out_dir: Path, layers: list[dict[str, Any]], history: list[dict[s
             ax2.plot(epochs, [100 * h["test_accuracy"] for h in history], label="test acc %",
                      color="#55a868")
         ax2.set_ylim(0, 100)
-        fig.legend(loc="center right")
+        lines = ax1.get_lines() + ax2.get_lines()
+        ax1.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
         ax1.set_title("Distillation")
         fig.tight_layout()
         fig.savefig(out_dir / "training.png", dpi=100)

@@ -1,0 +1,29 @@
+# Two commands a new user needs; each sets itself up (virtual environment, install, data).
+#   make run    the main job: full MNIST, the paper's MLP pair, all five stages (~6 min on 2 CPU cores)
+#   make test   the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "varstudent needs Python 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch==2.13.0 is pinned exactly: pip takes the CPU wheel from the local disk where there is one
+	$(BIN)/python -m pip install -q -e ".[dev,dvc]"
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/varstudent run
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/epoch_speed.py
+	$(BIN)/python benchmarks/ablation.py --epochs 60 --set distill.converge_tol=0 --out benchmarks/out/mnist60
+
+clean:
+	rm -rf artifacts benchmarks/out mlruns.db
