@@ -35,6 +35,17 @@ def test_no_pickle_anywhere(saved) -> None:
     assert not (folder / "m.safetensors").read_bytes().startswith(b"\x80")  # a pickle stream starts so
 
 
+def test_files_get_ordinary_permissions(saved) -> None:
+    # temp-file-then-rename must not leave the 0600 mode of mkstemp: other users and containers read these
+    import os
+
+    folder, _ = saved
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in folder.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
 def test_truncated_weights(saved) -> None:
     folder, _ = saved
     data = (folder / "m.safetensors").read_bytes()

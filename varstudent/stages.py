@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from varstudent.artifacts import load_model, read_json, save_model, write_json
+from varstudent.artifacts import load_model, read_json, save_model
 from varstudent.config import Params
 from varstudent.errors import ArtifactError, ConfigError
+from varstudent.fileio import atomic_write_bytes, write_json
 from varstudent.losses import BlockSparseRegularizer, LossWeights, kl_warmup, paired_weights, student_loss
 from varstudent.nn.architectures import build_model, build_spec, weight_count
 from varstudent.nn.variational import variational_layers
@@ -217,7 +218,7 @@ def evaluate(params: Params, data_dir: Path, teacher_dir: Path, student_dir: Pat
     kept = compact_net.input_index.cpu() if compact_net.input_index is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = save_plots(out_dir, layers, history, kept, data.manifest["input_shape"])
-    (out_dir / "report.md").write_text(render_report(metrics, layers, speed, plots))
+    atomic_write_bytes(out_dir / "report.md", render_report(metrics, layers, speed, plots).encode())
     write_json(out_dir / "layers.json", layers)
     write_json(out_dir / "speed.json", speed)
     return _finish(out_dir, metrics)

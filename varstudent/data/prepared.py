@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from varstudent.errors import DataError
+from varstudent.fileio import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -28,19 +26,6 @@ FORMAT_VERSION = 1
 DATA_FILE = "data.safetensors"
 MANIFEST_FILE = "manifest.json"
 _KEYS = ("x_train", "y_train", "x_test", "y_test")
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temp file in the same folder, then os.replace: readers never see a half-written file."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _validate(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
@@ -79,7 +64,7 @@ def write_prepared(out_dir: Path, dataset: str, x_train: np.ndarray, y_train: np
         save_file(tensors, tmp)
         digest.append(hashlib.sha256(tmp.read_bytes()).hexdigest())  # hash exactly what was written
 
-    _atomic_write(data_path, write_data)
+    atomic_write(data_path, write_data)
     k = len(classes)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -94,7 +79,7 @@ def write_prepared(out_dir: Path, dataset: str, x_train: np.ndarray, y_train: np
         "sha256": digest[0],
     }
     text = json.dumps(manifest, indent=2) + "\n"
-    _atomic_write(out_dir / MANIFEST_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(out_dir / MANIFEST_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return manifest
 
 
