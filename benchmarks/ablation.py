@@ -41,7 +41,7 @@ def main() -> None:
                         help="methods to run (default: all, plus the dense student); none = only the variants")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:key=v,key=v - an extra VS+BSR row with these overrides")
-    parser.add_argument("--reuse-teacher", action="store_true", help="keep OUT/teacher if it exists")
+    parser.add_argument("--reuse-teacher", action="store_true", help="keep OUT/teacher and OUT/dense_student if they exist")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     budget = [f"teacher.epochs={args.epochs}", f"distill.epochs={args.epochs}"] if args.epochs else []
@@ -69,7 +69,11 @@ def main() -> None:
         # the dense student: the student architecture trained like the teacher, with cross-entropy only
         dense_params = dataclasses.replace(params, teacher=dataclasses.replace(
             params.teacher, arch=params.student.arch, width=params.student.width))
-        d = stages.teacher(dense_params, data_dir, out / "dense_student")
+        dense_dir = out / "dense_student"
+        if args.reuse_teacher and (dense_dir / "metrics.json").is_file():
+            d = json.loads((dense_dir / "metrics.json").read_text())
+        else:
+            d = stages.teacher(dense_params, data_dir, dense_dir)
         rows.append({"method": "dense student", "error %": 100 * (1 - d["teacher_accuracy"]),
                      "weights": d["teacher_weights"], "nonzero": d["teacher_weights"], "x vs student": 1.0,
                      "x vs teacher": teacher_metrics["teacher_weights"] / d["teacher_weights"],
