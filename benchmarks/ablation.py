@@ -41,7 +41,8 @@ def main() -> None:
                         help="methods to run (default: all, plus the dense student); none = only the variants")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:key=v,key=v - an extra VS+BSR row with these overrides")
-    parser.add_argument("--reuse-teacher", action="store_true", help="keep OUT/teacher and OUT/dense_student if they exist")
+    parser.add_argument("--reuse-teacher", action="store_true",
+                        help="keep OUT/teacher and OUT/dense_student if they exist")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     budget = [f"teacher.epochs={args.epochs}", f"distill.epochs={args.epochs}"] if args.epochs else []

@@ -25,7 +25,9 @@ def test_run_on_digits_end_to_end_with_tracking(tmp_path: Path) -> None:
     for path in ["prepare/manifest.json", "prepare/data.safetensors", "teacher/teacher.safetensors",
                  "teacher/teacher.json", "distill/student.safetensors", "distill/history.json",
                  "prune/compact.safetensors", "prune/compact.json", "evaluate/metrics.json", "evaluate/report.md",
-                 "evaluate/sparsity.png", "evaluate/kept_inputs.png", "evaluate/training.png"]:
+                 "evaluate/sparsity.png", "evaluate/kept_inputs.png", "evaluate/training.png",
+                 "prune/sparse.safetensors", "prune/sparse.json", "prune/model.onnx", "prune/onnx.json",
+                 "prune/exports.json", "evaluate/exports.png"]:
         assert (out / path).is_file(), path
     m = json.loads((out / "evaluate/metrics.json").read_text())
     for key in ["teacher_accuracy", "student_accuracy", "compact_accuracy", "nonzero_weights",
@@ -35,6 +37,14 @@ def test_run_on_digits_end_to_end_with_tracking(tmp_path: Path) -> None:
     assert m["student_accuracy"] > 0.7  # chance is 0.1
     assert m["compression_vs_student"] > 2.0  # over 50% of the student's weights are gone
     assert m["compact_bytes"] < m["teacher_bytes"]
+    for fmt in ("compact", "sparse", "onnx"):  # the default export.formats, each measured
+        for key in ("disk_bytes", "params", "nonzeros", "latency_ms_b1_median", "latency_ms_b1_p95",
+                    "samples_per_s_b256", "speedup_vs_teacher_b256", "size_vs_teacher"):
+            assert f"export_{fmt}_{key}" in m, (fmt, key)
+        assert m[f"export_{fmt}_accuracy"] == m["student_accuracy"]  # parity: every prediction kept
+        assert m[f"export_{fmt}_nonzeros"] == m["nonzero_weights"]
+    assert m["export_sparse_disk_bytes"] < m["export_compact_disk_bytes"]
+    assert "## Exports" in (out / "evaluate/report.md").read_text()
     assert "compression:" in result.stdout and "compact student" in result.stdout
     assert "Compression vs the dense student" in (out / "evaluate/report.md").read_text()
     # one MLflow run per stage, with its params and metrics, in the local sqlite store

@@ -39,6 +39,12 @@ def test_committed_params_yaml_is_valid_and_complete() -> None:
     ("data.test_fraction=0", "data.test_fraction: must be > 0.0"),
     ("distill=3", "distill: expected a mapping"),
     ("novalue", "--set expects section.key=value"),
+    ("export.formats=[sparse,tflite]", "export.formats: unknown name 'tflite' (known: compact, compact_fp16, "
+                                       "compact_bf16, sparse, onnx)"),
+    ("export.formats=[]", "export.formats: expected a non-empty list of names"),
+    ("export.formats=3", "export.formats: expected a non-empty list of names"),
+    ("export.formats=[onnx,sparse,onnx]", "export.formats: 'onnx' is listed twice"),
+    ("export.sparse_values=int8", "export.sparse_values: must be one of float32, float16"),
 ])
 def test_bad_values_are_one_clear_error(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -72,3 +78,11 @@ def test_unreadable_files_are_clear_errors(tmp_path: Path) -> None:
 def test_digest_changes_with_any_setting() -> None:
     assert load_params(None).digest() == load_params(None).digest()
     assert load_params(None).digest() != load_params(None, ["distill.kd_weight=0.31"]).digest()
+
+
+def test_a_list_of_choices_is_a_tuple_and_one_name_is_a_list_of_one() -> None:
+    assert load_params(None).export.formats == ("compact", "sparse", "onnx")
+    assert load_params(None, ["export.formats=[onnx, compact_fp16]"]).export.formats == ("onnx", "compact_fp16")
+    assert load_params(None, ["export.formats=sparse"]).export.formats == ("sparse",)
+    # YAML, JSON and MLflow get plain lists
+    assert load_params(None).to_dict()["export"]["formats"] == ["compact", "sparse", "onnx"]

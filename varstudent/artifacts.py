@@ -37,30 +37,33 @@ def read_json(path: Path, what: str) -> Any:
         raise ArtifactError(f"{what} is not valid JSON: {path}") from None
 
 
-def save_model(model: Net, directory: Path, name: str = "model", meta: dict[str, Any] | None = None) -> Path:
-    """Write NAME.safetensors then NAME.json (the JSON last: its presence marks a complete artifact)."""
+def write_tensors(directory: Path, name: str, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> Path:
+    """Write NAME.safetensors, then NAME.json = doc + format_version, tensor shapes and sha256.
+
+    The JSON goes last: its presence marks a complete artifact.
+    """
     from safetensors.torch import save
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     blob = save(tensors)
     weights = directory / f"{name}.safetensors"
     atomic_write_bytes(weights, blob)
-    doc = {"format_version": FORMAT_VERSION, "spec": model.spec, "meta": meta or {},
-           "tensors": {k: list(v.shape) for k, v in tensors.items()},
-           "sha256": hashlib.sha256(blob).hexdigest()}
-    write_json(directory / f"{name}.json", doc)
+    write_json(directory / f"{name}.json", {"format_version": FORMAT_VERSION, **doc,
+                                            "tensors": {k: list(v.shape) for k, v in tensors.items()},
+                                            "sha256": hashlib.sha256(blob).hexdigest()})
     return weights
 
 
-def load_model(directory: Path, name: str = "model", device: str | torch.device = "cpu") -> Net:
+def read_tensors(directory: Path, name: str, what: str = "model") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """NAME.json and the tensors of NAME.safetensors, after checking the version and the sha256."""
     from safetensors.torch import load
 
-    doc = read_json(directory / f"{name}.json", "model spec")
+    doc = read_json(directory / f"{name}.json", f"{what} spec")
     weights = directory / f"{name}.safetensors"
     if not weights.is_file():
-        raise ArtifactError(f"model weights not found: {weights}")
-    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION or "spec" not in doc:
-        raise ArtifactError(f"{directory / (name + '.json')}: not a varstudent model spec "
+        raise ArtifactError(f"{what} weights not found: {weights}")
+    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{directory / (name + '.json')}: not a varstudent {what} spec "
                             f"(format_version {FORMAT_VERSION} expected)")
     blob = weights.read_bytes()
     if hashlib.sha256(blob).hexdigest() != doc.get("sha256"):
@@ -69,6 +72,29 @@ def load_model(directory: Path, name: str = "model", device: str | torch.device 
         tensors = load(blob)
     except Exception as exc:  # safetensors raises several kinds (and versions differ) on corrupt input
         raise ArtifactError(f"{weights}: unreadable safetensors file ({exc})") from None
+    return doc, tensors
+
+
+def save_model(model: Net, directory: Path, name: str = "model", meta: dict[str, Any] | None = None,
+               storage_dtype: torch.dtype | None = None) -> Path:
+    """Write the model's spec and weights; `storage_dtype` (e.g. float16) stores floating tensors smaller.
+
+    A reduced-precision model loads back as float32 (the values rounded once, when saved).
+    """
+    tensors = {k: v.to(storage_dtype) if storage_dtype is not None and v.is_floating_point() else v
+               for k, v in model.state_dict().items()}
+    doc: dict[str, Any] = {"spec": model.spec, "meta": meta or {}}
+    if storage_dtype is not None:
+        doc["storage_dtype"] = str(storage_dtype).removeprefix("torch.")
+    return write_tensors(directory, name, tensors, doc)
+
+
+def load_model(directory: Path, name: str = "model", device: str | torch.device = "cpu") -> Net:
+    doc, tensors = read_tensors(directory, name)
+    if "spec" not in doc:
+        raise ArtifactError(f"{directory / (name + '.json')}: not a varstudent model spec "
+                            f"(format_version {FORMAT_VERSION} expected)")
+    weights = directory / f"{name}.safetensors"
     try:
         model = build_model(doc["spec"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -83,6 +109,5 @@ def load_model(directory: Path, name: str = "model", device: str | torch.device 
         if tuple(tensors[key].shape) != tuple(value.shape):
             raise ArtifactError(f"{weights}: tensor {key} has shape {tuple(tensors[key].shape)}, the spec "
                                 f"says {tuple(value.shape)}")
-    model.load_state_dict(tensors)
+    model.load_state_dict(tensors)  # copies into float32 parameters: reduced-precision storage loads as float32
     return model.to(device).eval()
-

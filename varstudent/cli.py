@@ -97,6 +97,35 @@ def run(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, out: Path = O
     typer.echo(f"total {time.perf_counter() - started:.0f} s; report: {stage_dirs(out)['evaluate'] / 'report.md'}")
 
 
+@app.command("predict")
+def predict_command(
+        model: str = typer.Argument(..., metavar="MODEL", help="an export folder (e.g. artifacts/prune) or file"),
+        inputs: list[Path] = typer.Option(..., "--input", help=".npy batch or image file (repeatable)"),
+        format_: str | None = typer.Option(None, "--format", help="export format in the folder (default: the "
+                                           "first of export.formats at prune time)"),
+        json_: bool = typer.Option(False, "--json", help="print JSON instead of index<TAB>class<TAB>probability"),
+        threads: int = typer.Option(0, "--threads", help="CPU threads; 0 = torch's default")) -> None:
+    """Classify inputs with an exported student: one line per sample, index, class and probability."""
+    import json
+
+    import torch
+
+    from varstudent.errors import ArtifactError
+    from varstudent.export import load_export
+    from varstudent.predict import predict, read_inputs
+
+    if "://" in model or model.startswith(("models:/", "runs:/")):
+        raise ArtifactError(f"{model}: MLflow model URIs are not supported yet; pass an export folder or file")
+    if threads:
+        torch.set_num_threads(threads)
+    net = load_export(Path(model), format_, threads)
+    rows = predict(net, read_inputs(inputs, tuple(net.spec["input_shape"])))
+    if json_:
+        typer.echo(json.dumps({"model": model, "format": net.export_format, "predictions": rows}, indent=1))
+    else:
+        typer.echo("\n".join(f"{r['index']}\t{r['class']}\t{r['probability']:.4f}" for r in rows))
+
+
 @app.command("params")
 def show_params(params: Path = ParamsOpt, set_: list[str] | None = SetOpt) -> None:
     """Validate the params file and print the effective settings."""

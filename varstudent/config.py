@@ -86,6 +86,18 @@ class PruneConfig:
                           lo=-8.0, hi=8.0)
 
 
+EXPORT_FORMATS = ("compact", "compact_fp16", "compact_bf16", "sparse", "onnx")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    formats: tuple[str, ...] = _f(("compact", "sparse", "onnx"), "exports prune writes and parity-checks "
+                                  "(compact.* is always written); predict uses the first", choices=EXPORT_FORMATS)
+    sparse_values: str = _f("float32", "value dtype of the sparse export (float16 halves its values' bytes)",
+                            choices=("float32", "float16"))
+    choose_repeats: int = _f(20, "timed runs per layer when the sparse export picks CSR or dense", lo=1)
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     latency_repeats: int = _f(20, "timed repetitions per throughput measurement", lo=1)
@@ -114,12 +126,19 @@ class Params:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain dicts and lists (tuples become lists), as YAML, JSON and MLflow want them."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return list(value) if isinstance(value, tuple) else value
+
+        return plain(dataclasses.asdict(self))
 
     def digest(self) -> str:
         """A short hash of the effective settings, for lineage tags."""
@@ -127,7 +146,24 @@ class Params:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _check_choices(name: str, f: dataclasses.Field, value: Any) -> tuple[str, ...]:
+    """A list of names from the field's choices: no repeats, at least one."""
+    choices = f.metadata["choices"]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name}: expected a non-empty list of names from {', '.join(choices)}; got {value!r}")
+    unknown = [v for v in value if v not in choices]
+    if unknown:
+        raise ConfigError(f"{name}: unknown name {unknown[0]!r} (known: {', '.join(choices)})")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{name}: {sorted(v for v in set(value) if value.count(v) > 1)[0]!r} is listed twice")
+    return tuple(value)
+
+
 def _check_value(name: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
+    if typ == tuple[str, ...]:
+        return _check_choices(name, f, value)
     if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true or false, got {value!r}")

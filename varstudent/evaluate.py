@@ -32,10 +32,48 @@ def throughput(model: nn.Module, sample: torch.Tensor, batch_size: int, repeats:
         times.sort()
         median = statistics.median(times)
         p95 = times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]
+        # an onnxruntime model runs on its own thread pool, sized when it was loaded
         return {"samples_per_s": batch_size / median, "latency_ms_median": 1e3 * median,
-                "latency_ms_p95": 1e3 * p95, "threads": torch.get_num_threads()}
+                "latency_ms_p95": 1e3 * p95, "threads": getattr(model, "threads", None) or torch.get_num_threads()}
     finally:
         torch.set_num_threads(previous)
+
+
+def measure_model(model: nn.Module, files: list[Path], x: torch.Tensor, y: torch.Tensor, repeats: int,
+                  warmup: int, threads: int = 0) -> dict[str, Any]:
+    """One row of the exports table: bytes of all its files, weights, nonzeros, accuracy, CPU speed."""
+    from varstudent.export import weight_stats
+    from varstudent.train import accuracy
+
+    params, nonzeros = weight_stats(model)
+    b1 = throughput(model, x[:256], 1, repeats, warmup, threads)
+    b256 = throughput(model, x[:256], 256, repeats, warmup, threads)
+    return {"bytes": sum(p.stat().st_size for p in files), "params": params, "nonzeros": nonzeros,
+            "accuracy": accuracy(model, x, y), "latency_ms_b1_median": b1["latency_ms_median"],
+            "latency_ms_b1_p95": b1["latency_ms_p95"], "samples_per_s_b1": b1["samples_per_s"],
+            "latency_ms_b256_median": b256["latency_ms_median"], "samples_per_s_b256": b256["samples_per_s"],
+            "threads": b256["threads"], "speed": [{"batch": 1, **b1}, {"batch": 256, **b256}]}
+
+
+def flat_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """metrics.json keys KEY_NAME for every row (teacher, student, export_FORMAT) and the ratios of the exports.
+
+    The first two rows are the teacher (with `weights_bytes`, its float32 weights file) and the dense student.
+    """
+    teacher, student = rows[0], rows[1]
+    metrics: dict[str, float] = {}
+    for row in rows:
+        key = row["key"]
+        for name in ("params", "nonzeros", "latency_ms_b1_median", "latency_ms_b1_p95", "samples_per_s_b1",
+                     "samples_per_s_b256"):
+            metrics[f"{key}_{name}"] = row[name]
+        metrics[f"{key}_disk_bytes"] = row["bytes"]  # all files of the model
+        if key.startswith("export_"):
+            metrics[f"{key}_accuracy"] = row["accuracy"]
+            metrics[f"{key}_speedup_vs_teacher_b256"] = row["samples_per_s_b256"] / teacher["samples_per_s_b256"]
+            metrics[f"{key}_speedup_vs_student_b256"] = row["samples_per_s_b256"] / student["samples_per_s_b256"]
+            metrics[f"{key}_size_vs_teacher"] = teacher["weights_bytes"] / row["bytes"]
+    return metrics
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -51,8 +89,38 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def render_exports(rows: list[dict[str, Any]], sparse_choices: list[dict[str, Any]] | None) -> list[str]:
+    """The exports section of report.md: one row per model, the target ratios, the sparse layer choices."""
+    by_key = {row["key"]: row for row in rows}
+    teacher, student = by_key["teacher"], by_key["student"]
+    table = [{**row, "accuracy %": 100 * row["accuracy"], "b1 median ms": row["latency_ms_b1_median"],
+              "b1 p95 ms": row["latency_ms_b1_p95"], "samples/s b256": row["samples_per_s_b256"]} for row in rows]
+    parts = [f"## Exports ({rows[0]['threads']} CPU threads)", "",
+             "Bytes: all files of the model on disk. Latency: one sample; throughput: batches of 256.", "",
+             markdown_table(table, ["model", "bytes", "params", "nonzeros", "accuracy %", "b1 median ms",
+                                    "b1 p95 ms", "samples/s b256"]), ""]
+    for row in rows[2:]:
+        speed = row["samples_per_s_b256"]
+        parts.append(f"- {row['model']}: {speed / teacher['samples_per_s_b256']:.1f}x the teacher's throughput at "
+                     f"batch 256, {speed / student['samples_per_s_b256']:.1f}x the dense (masked) student's; "
+                     f"{teacher['weights_bytes'] / row['bytes']:.0f}x fewer bytes than the teacher's float32 weights")
+    if sparse_choices:
+        parts += ["", "Sparse export, per layer (times: one layer, median ms; rule: CSR where faster at batch 256):",
+                  "", markdown_table([{"layer": i, "density %": 100 * c["nonzero"] / max(c["weights"], 1),
+                                       "storage": c["storage"], "execution": c["execution"],
+                                       "dense b256 ms": c["ms"]["dense"]["b256"] if c["ms"] else "",
+                                       "csr b256 ms": c["ms"]["csr"]["b256"] if c["ms"] else "",
+                                       "dense b1 ms": c["ms"]["dense"]["b1"] if c["ms"] else "",
+                                       "csr b1 ms": c["ms"]["csr"]["b1"] if c["ms"] else ""}
+                                      for i, c in enumerate(sparse_choices)],
+                                     ["layer", "density %", "storage", "execution", "dense b256 ms", "csr b256 ms",
+                                      "dense b1 ms", "csr b1 ms"])]
+    return [*parts, ""]
+
+
 def render_report(metrics: dict[str, Any], layers: list[dict[str, Any]], speed: list[dict[str, Any]],
-                  plots: list[str]) -> str:
+                  plots: list[str], exports: list[dict[str, Any]] | None = None,
+                  sparse_choices: list[dict[str, Any]] | None = None) -> str:
     m = metrics
     summary = [
         {"model": "teacher", "accuracy %": 100 * m["teacher_accuracy"], "weights": m["teacher_weights"],
@@ -79,6 +147,8 @@ def render_report(metrics: dict[str, Any], layers: list[dict[str, Any]], speed: 
         markdown_table(speed, ["model", "batch", "samples_per_s", "latency_ms_median", "latency_ms_p95"]),
         "",
     ]
+    if exports:
+        parts += render_exports(exports, sparse_choices)
     parts += [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(parts) + "\n"
 
@@ -137,3 +207,32 @@ def save_plots(out_dir: Path, layers: list[dict[str, Any]], history: list[dict[s
         plt.close(fig)
         names.append("kept_inputs.png")
     return names
+
+
+def save_export_plot(out_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """Throughput at batch 256 and bytes on disk of every model, side by side, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    labels = [row["model"] for row in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.4), sharey=True)
+    panels = (("samples_per_s_b256", f"samples/s, batch 256 ({rows[0]['threads']} threads)", "#55a868"),
+              ("bytes", "bytes on disk (all files)", "#4c72b0"))
+    for ax, (key, title, color) in zip(axes, panels):
+        values = [row[key] for row in rows]
+        ax.barh(labels, values, color=color)
+        ax.set_xscale("log")
+        ax.set_xlim(min(values) / 3, max(values) * 8)  # room for the value labels
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(title)
+        for i, value in enumerate(values):
+            ax.text(value * 1.1, i, f"{value:,.0f}", va="center", fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("Teacher, dense student and exports")
+    fig.tight_layout()
+    fig.savefig(out_dir / "exports.png", dpi=100)
+    plt.close(fig)
+    return "exports.png"

@@ -142,8 +142,10 @@ def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path) ->
 
 
 def prune(params: Params, data_dir: Path, student_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Zero weights with log alpha >= threshold, remove dead units, check predictions are unchanged."""
+    """Zero weights with log alpha >= threshold, remove dead units, check predictions are unchanged; then
+    write each format of `export.formats`, each checked against the masked student's test logits."""
     from varstudent.data import load_prepared
+    from varstudent.export import write_exports
     from varstudent.prune import compact, nonzero_weights
 
     if not (student_dir / "student.json").is_file():
@@ -160,19 +162,29 @@ def prune(params: Params, data_dir: Path, student_dir: Path, out_dir: Path) -> d
     if same < 1.0 or max_diff > 1e-3:
         raise ArtifactError(f"compaction changed the predictions ({100 * (1 - same):.2f}% differ, max logit "
                             f"difference {max_diff:.2e}); this is a bug, please report it")
-    save_model(compact_net, out_dir, "compact", meta={"source": "prune", "threshold": params.prune.threshold})
-    return _finish(out_dir, {"nonzero_weights": nonzero_weights(compact_net),
-                             "masked_nonzero_weights": nonzero_weights(student),
-                             "compact_weights": weight_count(compact_net.spec),
-                             "max_logit_difference": max_diff,
-                             "compact_shapes": [[lay["in"], lay["out"]] for lay in compact_net.spec["layers"]]})
+    save_model(compact_net, out_dir, "compact", meta={"source": "prune", "threshold": params.prune.threshold,
+                                                      "export_format": "compact"})
+    cfg = params.export
+    exports = write_exports(compact_net, cfg.formats, out_dir, data.x_test, masked_logits,
+                            cfg.sparse_values, cfg.choose_repeats)
+    metrics: dict[str, Any] = {"nonzero_weights": nonzero_weights(compact_net),
+                               "masked_nonzero_weights": nonzero_weights(student),
+                               "compact_weights": weight_count(compact_net.spec),
+                               "max_logit_difference": max_diff,
+                               "compact_shapes": [[lay["in"], lay["out"]] for lay in compact_net.spec["layers"]]}
+    for fmt, check in exports["exports"].items():
+        metrics[f"export_{fmt}_bytes"] = check["bytes"]
+        metrics[f"export_{fmt}_max_logit_difference"] = check["max_logit_difference"]
+    return _finish(out_dir, metrics)
 
 
 def evaluate(params: Params, data_dir: Path, teacher_dir: Path, student_dir: Path, compact_dir: Path,
              out_dir: Path) -> dict[str, Any]:
-    """Accuracy, per-layer sparsity, compression, bytes and CPU throughput; metrics.json + report.md."""
+    """Accuracy, per-layer sparsity, compression, and bytes + CPU speed of the teacher, the dense (masked)
+    student and every export; metrics.json, report.md and plots."""
     from varstudent.data import load_prepared
-    from varstudent.evaluate import render_report, save_plots, throughput
+    from varstudent.evaluate import flat_metrics, measure_model, render_report, save_export_plot, save_plots
+    from varstudent.export import export_files, listed_exports, load_export
     from varstudent.prune import layer_table
 
     data = load_prepared(data_dir)
@@ -186,39 +198,56 @@ def evaluate(params: Params, data_dir: Path, teacher_dir: Path, student_dir: Pat
         row["compact_shape"] = crow["shape"]
     nonzero = sum(r["nonzero"] for r in compact_rows)
     n_student, n_teacher = weight_count(student.spec), weight_count(teacher_net.spec)
+    cfg = params.evaluate
+    threads = cfg.threads or torch.get_num_threads()
+    # (metrics key, label, model, its files); the compact student is the `compact` export
+    models: list[tuple[str, str, torch.nn.Module, list[Path]]] = [
+        ("teacher", "teacher", teacher_net, [teacher_dir / "teacher.safetensors", teacher_dir / "teacher.json"]),
+        ("student", "student (masked)", student, [student_dir / "student.safetensors", student_dir / "student.json"]),
+        ("export_compact", "compact student", compact_net, export_files(compact_dir, "compact"))]
+    models += [(f"export_{fmt}", fmt, load_export(compact_dir, fmt, threads), export_files(compact_dir, fmt))
+               for fmt in listed_exports(compact_dir) if fmt != "compact"]
+    rows, speed = [], []
+    for key, label, net, files in models:
+        row = {"key": key, "model": label, **measure_model(net, files, x, y, cfg.latency_repeats,
+                                                           cfg.latency_warmup, threads)}
+        speed += [{"model": label, **s} for s in row.pop("speed")]
+        rows.append(row)
+    teacher_row, student_row, compact_row = rows[:3]
+    teacher_row["weights_bytes"] = (teacher_dir / "teacher.safetensors").stat().st_size
     metrics: dict[str, Any] = {
         "dataset": data.manifest["dataset"], "teacher_arch": teacher_net.spec["arch"],
         "student_arch": student.spec["arch"], "threshold": student.spec["threshold"],
-        "teacher_accuracy": accuracy(teacher_net, x, y), "student_accuracy": accuracy(student, x, y),
-        "compact_accuracy": accuracy(compact_net, x, y),
+        "teacher_accuracy": teacher_row["accuracy"], "student_accuracy": student_row["accuracy"],
+        "compact_accuracy": compact_row["accuracy"],
         "teacher_weights": n_teacher, "student_weights": n_student,
         "student_nonzero_weights": sum(r["nonzero"] for r in layers),
         "compact_weights": weight_count(compact_net.spec), "nonzero_weights": nonzero,
         "compression_vs_student": n_student / max(nonzero, 1),
         "compression_vs_teacher": n_teacher / max(nonzero, 1),
-        "teacher_bytes": (teacher_dir / "teacher.safetensors").stat().st_size,
+        "teacher_bytes": teacher_row["weights_bytes"],
         "compact_bytes": (compact_dir / "compact.safetensors").stat().st_size,
+        "threads": threads,
     }
+    metrics.update(flat_metrics(rows))
+    for batch in (1, 256):  # the names the summary and earlier runs use
+        metrics[f"compact_samples_per_s_b{batch}"] = compact_row[f"samples_per_s_b{batch}"]
+    metrics["compact_speedup_vs_teacher_b256"] = metrics["export_compact_speedup_vs_teacher_b256"]
     distill_metrics = student_dir / "metrics.json"
     if distill_metrics.is_file():
         metrics["stop_reason"] = read_json(distill_metrics, "distill metrics").get("stop_reason")
-    cfg = params.evaluate
-    speed = []
-    for name, net in (("teacher", teacher_net), ("student (masked)", student), ("compact student", compact_net)):
-        for batch in (1, 256):
-            res = throughput(net, x[:256], batch, cfg.latency_repeats, cfg.latency_warmup, cfg.threads)
-            speed.append({"model": name, "batch": batch, **res})
-            key = name.split(" ")[0]
-            metrics[f"{key}_samples_per_s_b{batch}"] = res["samples_per_s"]
-    metrics["threads"] = speed[0]["threads"]
-    metrics["compact_speedup_vs_teacher_b256"] = (metrics["compact_samples_per_s_b256"]
-                                                  / metrics["teacher_samples_per_s_b256"])
     history_path = student_dir / "history.json"
     history = read_json(history_path, "distill history") if history_path.is_file() else []
     kept = compact_net.input_index.cpu() if compact_net.input_index is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = save_plots(out_dir, layers, history, kept, data.manifest["input_shape"])
-    atomic_write_bytes(out_dir / "report.md", render_report(metrics, layers, speed, plots).encode())
+    plots.append(save_export_plot(out_dir, rows))
+    sparse_spec = compact_dir / "sparse.json"
+    choices = read_json(sparse_spec, "sparse export spec").get("choices") \
+        if "sparse" in listed_exports(compact_dir) else None
+    atomic_write_bytes(out_dir / "report.md",
+                       render_report(metrics, layers, speed, plots, rows, choices).encode())
     write_json(out_dir / "layers.json", layers)
     write_json(out_dir / "speed.json", speed)
+    write_json(out_dir / "exports.json", rows)
     return _finish(out_dir, metrics)

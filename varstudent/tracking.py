@@ -17,7 +17,7 @@ from varstudent.errors import ServiceError
 # which params sections each stage depends on (logged as that run's params)
 STAGE_SECTIONS = {"prepare": ("data",), "teacher": ("data", "teacher"),
                   "distill": ("data", "teacher", "student", "distill", "prune"),
-                  "prune": ("prune",), "evaluate": ("evaluate",)}
+                  "prune": ("prune", "export"), "evaluate": ("evaluate",)}
 
 
 def _flatten(params: Params, sections: tuple[str, ...]) -> dict[str, Any]:

@@ -1,0 +1,77 @@
+"""Bytes and CPU speed of the teacher, the dense (masked) student and every export of a finished run.
+
+Runs the evaluate stage's own measurement (varstudent.evaluate.measure_model) with more repeats, into a
+separate folder, and prints the table and the targets of the inference issue:
+compact throughput at batch 256 >= 20x the teacher's and >= 2x the dense student's; bytes on disk >= 500x
+below the teacher's float32 weights; the sparse path's per-layer choice and by how much CSR loses or wins.
+
+    python benchmarks/exports.py                        # artifacts/ of `varstudent run`
+    python benchmarks/exports.py --artifacts /tmp/x/artifacts --threads 1 --repeats 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from varstudent import stages
+from varstudent.config import load_params
+
+TARGETS = {"speedup_vs_teacher_b256": 20.0, "speedup_vs_student_b256": 2.0, "size_vs_teacher": 500.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--out", type=Path, default=None, help="where the report goes (default: a temp folder)")
+    parser.add_argument("--repeats", type=int, default=100, help="timed runs per model and batch size")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = torch's default")
+    args = parser.parse_args()
+    root = args.artifacts
+    out = args.out or Path(tempfile.mkdtemp(prefix="varstudent-exports-"))
+    params = load_params(None, [f"evaluate.latency_repeats={args.repeats}", f"evaluate.latency_warmup={args.warmup}",
+                                f"evaluate.threads={args.threads}", "tracking.enabled=false"])
+    metrics = stages.evaluate(params, root / "prepare", root / "teacher", root / "distill", root / "prune", out)
+    rows = json.loads((out / "exports.json").read_text())
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads available; "
+          f"measured with {metrics['threads']} threads, {args.repeats} repeats after {args.warmup} warm-up runs")
+    print(f"{'model':<18}{'bytes':>11}{'params':>11}{'nonzeros':>10}{'acc %':>8}{'b1 med ms':>11}{'b1 p95 ms':>11}"
+          f"{'samples/s b256':>16}")
+    for row in rows:
+        print(f"{row['model']:<18}{row['bytes']:>11,}{row['params']:>11,}{row['nonzeros']:>10,}"
+              f"{100 * row['accuracy']:>8.2f}{row['latency_ms_b1_median']:>11.4f}{row['latency_ms_b1_p95']:>11.4f}"
+              f"{row['samples_per_s_b256']:>16,.0f}")
+    print("\ntargets (teacher bytes = its float32 weights file, export bytes = all its files):")
+    for row in rows[2:]:
+        key = row["key"]
+        checks = []
+        for name, goal in TARGETS.items():
+            value = metrics[f"{key}_{name}"]
+            checks.append(f"{name.removesuffix('_b256').replace('_vs_', ' vs ')} {value:.1f}x "
+                          f"(>= {goal:g}x: {'met' if value >= goal else 'NOT met'})")
+        print(f"  {row['model']:<16} " + "; ".join(checks))
+    sparse = root / "prune" / "sparse.json"
+    if sparse.is_file():
+        doc = json.loads(sparse.read_text())
+        print(f"\nsparse export, per layer (timed at export with {doc['threads']} threads; rule: {doc['rule']}):")
+        for i, c in enumerate(doc["choices"]):
+            line = (f"  layer {i}: density {100 * c['nonzero'] / max(c['weights'], 1):.1f}%, stored {c['storage']} "
+                    f"({c['csr_bytes']:,} B as CSR, {c['dense_bytes']:,} B dense), runs {c['execution']}")
+            if c["ms"]:
+                ms = c["ms"]
+                line += (f"; CSR / dense time: {ms['csr']['b256'] / ms['dense']['b256']:.2f}x at batch 256, "
+                         f"{ms['csr']['b1'] / ms['dense']['b1']:.2f}x at batch 1")
+            print(line)
+    print(f"\nreport: {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Exports: every format reproduces the masked student, loads back with one call, and refuses tampering."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import assert_clean_error, cli
+from tests.test_prune import randomly_sparse, set_keep
+from varstudent.artifacts import save_model
+from varstudent.config import EXPORT_FORMATS
+from varstudent.errors import ArtifactError
+from varstudent.export import (
+    FILES,
+    MANIFEST,
+    TOLERANCE,
+    ParityError,
+    check_parity,
+    listed_exports,
+    load_export,
+    weight_stats,
+    write_exports,
+)
+from varstudent.export.sparse import decode_csr, encode_csr
+from varstudent.nn.architectures import build_model, build_spec
+from varstudent.nn.variational import variational_layers
+from varstudent.prune import compact, nonzero_weights
+
+
+def mlp_with_a_full_layer():
+    net = build_model(build_spec("mlp-40-20", (1, 8, 8), 10, variational=True))
+    randomly_sparse(net, 0.2)
+    set_keep(variational_layers(net)[-1], torch.ones(10, 20, dtype=torch.bool))  # a layer with no zeros
+    return net
+
+
+def mlp_with_a_dead_layer():
+    net = build_model(build_spec("mlp-10-6", (1, 3, 3), 4, variational=True))
+    randomly_sparse(net, 0.5)
+    set_keep(variational_layers(net)[1], torch.zeros(6, 10, dtype=torch.bool))  # pruned to zero units
+    return net
+
+
+def lenet5():
+    net = build_model(build_spec("lenet5", (1, 28, 28), 10, width=0.3, variational=True))
+    randomly_sparse(net, 0.1)
+    first = variational_layers(net)[0]
+    set_keep(first, torch.ones_like(first.weight, dtype=torch.bool))  # a conv with no zeros
+    return net
+
+
+def vgg_like():
+    net = build_model(build_spec("vgg-like", (3, 32, 32), 10, width=0.0625, variational=True))
+    randomly_sparse(net, 0.3)
+    net.train()
+    with torch.no_grad():
+        net(torch.rand(16, 3, 32, 32))  # non-trivial batch-norm statistics, so folding them is tested
+    return net
+
+
+NETS = {"mlp_full_layer": mlp_with_a_full_layer, "mlp_dead_layer": mlp_with_a_dead_layer, "lenet5": lenet5,
+        "vgg_like": vgg_like}
+FORMATS = list(EXPORT_FORMATS)
+PRECISION = {"compact_fp16": "float16", "compact_bf16": "bfloat16"}
+
+
+def export_all(net, folder: Path, formats=tuple(FORMATS), **kwargs):
+    net.eval()
+    x = torch.rand(64, *net.spec["input_shape"])
+    with torch.no_grad():
+        reference = net(x)
+    small = compact(net)
+    save_model(small, folder, "compact")
+    return small, x, reference, write_exports(small, formats, folder, x, reference, choose_repeats=2, **kwargs)
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_every_format_reproduces_the_masked_student(name: str, tmp_path: Path) -> None:
+    net = NETS[name]()
+    small, x, reference, manifest = export_all(net, tmp_path)
+    assert manifest["formats"] == FORMATS and listed_exports(tmp_path) == FORMATS
+    for fmt in FORMATS:
+        model = load_export(tmp_path, fmt)
+        with torch.no_grad():
+            logits = model(x)
+        assert torch.equal(logits.argmax(1), reference.argmax(1)), fmt
+        assert (logits - reference).abs().max() <= TOLERANCE[PRECISION.get(fmt, "float32")], fmt
+        # every format holds the compact net's weights, and nothing else
+        assert weight_stats(model) == (sum(lay["in"] * lay["out"] * lay.get("kernel", 1) ** 2
+                                           for lay in small.spec["layers"]), nonzero_weights(small)), fmt
+        assert model.export_format == fmt and model.spec["input_shape"] == net.spec["input_shape"]
+
+
+def test_the_sparse_export_is_smaller_and_stores_a_full_layer_dense(tmp_path: Path) -> None:
+    _, _, _, manifest = export_all(mlp_with_a_full_layer(), tmp_path)
+    assert manifest["exports"]["sparse"]["bytes"] < manifest["exports"]["compact"]["bytes"] / 2
+    choices = json.loads((tmp_path / "sparse.json").read_text())["choices"]
+    assert [c["storage"] for c in choices] == ["csr", "csr", "dense"]  # the last layer has no zeros
+    for c in choices:  # the recorded choice follows the recorded times
+        faster = "csr" if c["ms"]["csr"]["b256"] < c["ms"]["dense"]["b256"] else "dense"
+        assert c["execution"] == faster
+
+
+def test_the_csr_kernels_compute_the_same_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # on small layers dense usually wins the timing, so force CSR execution to test that path too
+    import varstudent.export.sparse as sparse
+
+    monkeypatch.setattr(sparse, "time_linear", lambda *a: {"execution": "csr", "ms": None})
+    _, x, reference, _ = export_all(lenet5(), tmp_path, formats=("sparse",))
+    model = load_export(tmp_path, "sparse")
+    kinds = [(layer.kind, layer.csr is not None) for layer in model.layers]
+    assert kinds == [("conv", False), ("conv", False), ("linear", True), ("linear", True)]
+    for batch in (x[:1], x):  # batch 1 and many
+        with torch.no_grad():
+            torch.testing.assert_close(model(batch), reference[:batch.shape[0]], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.05, 1.0])
+def test_csr_with_one_byte_indices_round_trips(density: float) -> None:
+    rng = np.random.default_rng(1)
+    matrix = (rng.standard_normal((9, 1500)) * (rng.random((9, 1500)) < density)).astype(np.float32)
+    matrix[2] = 0  # an empty row
+    matrix[1] = 0
+    matrix[1, [0, 1, 256, 512, 1024, 1281]] = 2.0  # gaps of 1, 255, 256, 512 (one filler) and 257 columns
+    if density:
+        matrix[0, 1499] = 1.0  # a gap of over 256 columns needs fillers
+    arrays = encode_csr(matrix, np.dtype(np.float32))
+    assert arrays["gaps"].dtype == np.uint8
+    assert np.array_equal(decode_csr(arrays["row_entries"], arrays["gaps"], arrays["values"], matrix.shape, "m"),
+                          matrix)
+
+
+def test_a_flipped_prediction_fails_parity_with_the_format_and_count(tmp_path: Path) -> None:
+    net = mlp_with_a_full_layer().eval()
+    small = compact(net)
+    save_model(small, tmp_path, "compact")
+    x = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        reference = net(x)
+    wrong = reference.clone()
+    wrong[[3, 5]] = -wrong[[3, 5]]  # two samples now "predicted" differently
+    with pytest.raises(ParityError, match="export 'sparse' fails the parity check: 2 of 32 test predictions"):
+        write_exports(small, ["sparse"], tmp_path, x, wrong, choose_repeats=1)
+    assert not (tmp_path / "sparse.json").exists() and not (tmp_path / MANIFEST).exists()
+    with pytest.raises(ParityError, match="0 of 32 .* max logit difference 0.01"):
+        check_parity("compact_fp16", reference, reference + 0.01, TOLERANCE["float32"])
+
+
+@pytest.fixture
+def exported(tmp_path: Path) -> Path:
+    export_all(mlp_with_a_full_layer(), tmp_path)
+    return tmp_path
+
+
+def _rewrite_safetensors(folder: Path, name: str, edit) -> None:
+    """Change the tensors and fix the checksum: damage that only the shape and name checks can catch."""
+    from safetensors.torch import load, save
+
+    tensors = load((folder / f"{name}.safetensors").read_bytes())
+    edit(tensors)
+    blob = save(tensors)
+    (folder / f"{name}.safetensors").write_bytes(blob)
+    doc = json.loads((folder / f"{name}.json").read_text())
+    doc["sha256"] = hashlib.sha256(blob).hexdigest()
+    (folder / f"{name}.json").write_text(json.dumps(doc))
+
+
+def _edit_json(folder: Path, name: str, edit) -> None:
+    doc = json.loads((folder / name).read_text())
+    edit(doc)
+    (folder / name).write_text(json.dumps(doc))
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _set_layer_out(doc, value: int) -> None:
+    doc["spec"]["layers"][0]["out"] = value
+
+
+@pytest.mark.parametrize("fmt,damage,message", [
+    ("sparse", lambda f: _flip_a_byte(f / "sparse.safetensors"), "checksum does not match"),
+    ("sparse", lambda f: _rewrite_safetensors(f, "sparse", lambda t: t.pop("layers.1.gaps")),
+     "missing: ['layers.1.gaps']"),
+    ("sparse", lambda f: _rewrite_safetensors(f, "sparse", lambda t: t.update({"layers.0.bias": torch.zeros(3)})),
+     "tensor layers.0.bias has shape (3,)"),
+    ("sparse", lambda f: _rewrite_safetensors(f, "sparse", lambda t: t["layers.0.gaps"].fill_(255)),
+     "a column index reaches"),
+    ("sparse", lambda f: _edit_json(f, "sparse.json", lambda d: _set_layer_out(d, 7)),
+     "row_entries has shape"),
+    ("sparse", lambda f: (f / "sparse.safetensors").unlink(), "sparse export weights not found"),
+    ("onnx", lambda f: _flip_a_byte(f / "model.onnx"), "checksum does not match"),
+    ("onnx", lambda f: (f / "model.onnx").unlink(), "onnx export model not found"),
+    ("onnx", lambda f: _edit_json(f, "onnx.json", lambda d: d["spec"].update(num_classes=7)),
+     "the graph maps"),
+    ("compact_fp16", lambda f: _rewrite_safetensors(f, "compact_fp16", lambda t: t.pop("blocks.0.op.bias")),
+     "missing: ['blocks.0.op.bias']"),
+    ("compact_fp16", lambda f: _edit_json(f, "compact_fp16.json", lambda d: _set_layer_out(d, 7)), "has shape"),
+])
+def test_tampered_exports_are_clear_errors(exported: Path, fmt: str, damage, message: str) -> None:
+    damage(exported)
+    with pytest.raises(ArtifactError) as info:
+        load_export(exported, fmt)
+    assert message in str(info.value)
+
+
+def test_an_onnx_file_that_is_not_onnx(exported: Path) -> None:
+    blob = b"not a protobuf at all"
+    (exported / "model.onnx").write_bytes(blob)
+    _edit_json(exported, "onnx.json", lambda d: d.update(sha256=hashlib.sha256(blob).hexdigest()))
+    with pytest.raises(ArtifactError, match="onnxruntime cannot load it"):
+        load_export(exported, "onnx")
+
+
+def test_load_export_finds_the_format(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    exported = tmp_path
+    export_all(mlp_with_a_full_layer(), exported, formats=("compact", "compact_fp16", "sparse", "onnx"))
+    assert load_export(exported).export_format == "compact"  # the first of export.formats
+    for fmt in listed_exports(exported):
+        for name in FILES[fmt]:
+            assert load_export(exported / name).export_format == fmt
+    with pytest.raises(ArtifactError, match="no 'compact_bf16' export in .* \\(it has: compact, compact_fp16, sparse"):
+        load_export(exported, "compact_bf16")
+    with pytest.raises(ArtifactError, match="is a 'sparse' export file, not 'onnx'"):
+        load_export(exported / "sparse.json", "onnx")
+    with pytest.raises(ArtifactError, match="no export found"):
+        load_export(tmp_path_factory.mktemp("empty"))
+
+
+def test_predict_through_the_cli(exported: Path, tmp_path: Path) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8)  # (N, H, W) uint8
+    np.save(tmp_path / "batch.npy", pixels)
+    compact_net = load_export(exported, "compact")
+    with torch.no_grad():
+        expected = compact_net(torch.from_numpy(pixels[:, None] / 255.0).float()).argmax(1).tolist()
+    result = cli("predict", str(exported), "--input", str(tmp_path / "batch.npy"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert [int(index) for index, _, _ in lines] == list(range(20))
+    assert [int(k) for _, k, _ in lines] == expected
+    assert all(0.1 <= float(p) <= 1.0 for _, _, p in lines)  # the winner of 10 classes
+    as_json = cli("predict", str(exported / "model.onnx"), "--input", str(tmp_path / "batch.npy"), "--json",
+                  cwd=tmp_path)
+    doc = json.loads(as_json.stdout)
+    assert doc["format"] == "onnx" and [p["class"] for p in doc["predictions"]] == expected
+    np.save(tmp_path / "wrong.npy", pixels[:, :5, :5])
+    assert_clean_error(cli("predict", str(exported), "--input", str(tmp_path / "wrong.npy"), cwd=tmp_path),
+                       "input of shape (20, 5, 5) does not fit the model's input 1x8x8")
+
+
+def test_predict_reads_images(exported: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from varstudent.predict import read_inputs
+
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(np.stack([pixels] * 3, -1)).resize((16, 16)).save(tmp_path / "b.png")  # RGB, twice the size
+    np.save(tmp_path / "c.npy", pixels.reshape(1, 64).astype(np.float32) / 255)  # (N, C*H*W) float
+    x = read_inputs([tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.npy"], (1, 8, 8))
+    assert x.shape == (3, 1, 8, 8) and x.dtype == torch.float32
+    assert torch.allclose(x[0], torch.from_numpy(pixels / 255.0).float()[None])
+    assert torch.allclose(x[2], x[0])
+    assert (x[1] - x[0]).abs().mean() < 0.15  # the same picture after a round trip through RGB and resizing

@@ -1,0 +1,188 @@
+"""Exports of the compact student, each a self-describing artifact (weights + spec, no pickle), parity-checked.
+
+| format        | files (in the prune folder)          | what                                                  |
+|---------------|--------------------------------------|-------------------------------------------------------|
+| compact       | compact.safetensors + compact.json   | the dense compact net, float32 (always written)      |
+| compact_fp16  | compact_fp16.{safetensors,json}      | the same, stored as float16, computed in float32      |
+| compact_bf16  | compact_bf16.{safetensors,json}      | the same, stored as bfloat16, computed in float32     |
+| sparse        | sparse.safetensors + sparse.json     | CSR storage, per-layer CSR or dense kernels (sparse.py) |
+| onnx          | model.onnx + onnx.json               | ONNX graph run with onnxruntime (onnx_graph.py)       |
+
+`write_exports` writes the requested formats, loads each back from disk and checks its test predictions
+against the masked student's: argmax identical, logits within TOLERANCE of the storage precision; a mismatch
+is a ParityError naming the format and the number of differing predictions. `exports.json` (written last)
+lists what passed, in the order of `export.formats`: the first is what `load_export(folder)` opens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from varstudent.artifacts import load_model, read_json, save_model
+from varstudent.config import EXPORT_FORMATS
+from varstudent.errors import ArtifactError
+from varstudent.fileio import write_json
+from varstudent.nn.architectures import Net
+
+MANIFEST = "exports.json"
+FILES = {"compact": ("compact.json", "compact.safetensors"),
+         "compact_fp16": ("compact_fp16.json", "compact_fp16.safetensors"),
+         "compact_bf16": ("compact_bf16.json", "compact_bf16.safetensors"),
+         "sparse": ("sparse.json", "sparse.safetensors"),
+         "onnx": ("onnx.json", "model.onnx")}
+REDUCED = {"compact_fp16": torch.float16, "compact_bf16": torch.bfloat16}
+# max |logit difference| to the masked student, by the precision the weights are stored in. float32 formats
+# differ by rounding order only (folded batch norm, other kernels). float16 keeps 11 significant bits,
+# bfloat16 8: each weight moves by up to 2^-11 (2^-8) of itself, and the logits by a sum of such errors.
+# Argmax must be identical in every case: on the MNIST MLP pair (20 epochs) float16 kept all 10,000 test
+# predictions (max logit difference 0.008), bfloat16 changed one (0.078), so compact_bf16 fails there.
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-1}
+
+
+class ParityError(ArtifactError):
+    """An export does not reproduce the masked student's predictions."""
+
+
+def precision(fmt: str, sparse_values: str = "float32") -> str:
+    if fmt in REDUCED:
+        return str(REDUCED[fmt]).removeprefix("torch.")
+    return sparse_values if fmt == "sparse" else "float32"
+
+
+def check_parity(fmt: str, reference: torch.Tensor, logits: torch.Tensor, atol: float) -> dict[str, Any]:
+    """Argmax identical and max |logit difference| <= atol, or a ParityError that says by how much."""
+    differ = int((reference.argmax(1) != logits.argmax(1)).sum())
+    max_diff = (reference - logits).abs().max().item()
+    if differ or not max_diff <= atol:
+        raise ParityError(f"export '{fmt}' fails the parity check: {differ} of {reference.shape[0]} test "
+                          f"predictions differ from the masked student's, max logit difference {max_diff:.3g} "
+                          f"(tolerance {atol:g})")
+    return {"max_logit_difference": max_diff, "tolerance": atol, "differing_predictions": differ}
+
+
+def write_export(fmt: str, net: Net, directory: Path, sparse_values: str = "float32",
+                 choose_repeats: int = 20) -> None:
+    """Write one export of the compact `net` (compact itself is the prune stage's own output)."""
+    if fmt in REDUCED:
+        save_model(net, directory, fmt, meta={"export_format": fmt}, storage_dtype=REDUCED[fmt])
+    elif fmt == "sparse":
+        from varstudent.export.sparse import write_sparse
+
+        write_sparse(net, directory, sparse_values, choose_repeats)
+    elif fmt == "onnx":
+        from varstudent.export.onnx_graph import write_onnx
+
+        write_onnx(net, directory)
+    elif fmt != "compact":
+        raise ArtifactError(f"unknown export format '{fmt}' (known: {', '.join(EXPORT_FORMATS)})")
+
+
+def write_exports(net: Net, formats: tuple[str, ...] | list[str], directory: Path, x: torch.Tensor,
+                  reference: torch.Tensor, sparse_values: str = "float32", choose_repeats: int = 20
+                  ) -> dict[str, Any]:
+    """Write, reload and parity-check each format against `reference` (the masked student's logits on x)."""
+    from varstudent.train import predict_logits
+
+    (directory / MANIFEST).unlink(missing_ok=True)  # a failed run must not leave the last run's list behind
+    checked: dict[str, Any] = {}
+    for fmt in formats:
+        write_export(fmt, net, directory, sparse_values, choose_repeats)
+        try:
+            logits = predict_logits(load_export(directory, fmt), x)
+            checked[fmt] = check_parity(fmt, reference, logits, TOLERANCE[precision(fmt, sparse_values)])
+        except ArtifactError:
+            if fmt != "compact":  # an export that fails its check is not left where it could be used
+                for path in export_files(directory, fmt):
+                    path.unlink(missing_ok=True)
+            raise
+        checked[fmt].update(precision=precision(fmt, sparse_values), files=list(FILES[fmt]),
+                            bytes=sum(p.stat().st_size for p in export_files(directory, fmt)))
+    manifest = {"formats": list(formats), "exports": checked, "checked_on": f"{x.shape[0]} test samples"}
+    write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def export_files(directory: Path, fmt: str) -> list[Path]:
+    return [directory / name for name in FILES[fmt] if (directory / name).is_file()]
+
+
+def listed_exports(directory: Path) -> list[str]:
+    """The formats the last prune wrote and checked (compact alone for a folder without exports.json)."""
+    if (directory / MANIFEST).is_file():
+        formats = read_json(directory / MANIFEST, "export list").get("formats", [])
+        return [f for f in formats if f in FILES]
+    return ["compact"] if (directory / "compact.json").is_file() else []
+
+
+def _format_of_file(path: Path) -> str:
+    for fmt, names in FILES.items():
+        if path.name in names:
+            return fmt
+    known = ", ".join(name for names in FILES.values() for name in names)
+    raise ArtifactError(f"{path}: not an export file name this version knows ({known}); pass the folder")
+
+
+def load_export(path: str | Path, format: str | None = None, threads: int = 0) -> nn.Module:
+    """One call for every format: an export folder (its first listed format, or `format`) or one of its files.
+
+    Returns a module mapping a float tensor (B, C, H, W) in [0, 1] to logits (B, classes), on the CPU, with
+    `.spec` (input_shape, num_classes) and `.export_format`. `threads` sets onnxruntime's intra-op threads.
+    """
+    path = Path(path)
+    if path.is_dir():
+        directory = path
+        listed = listed_exports(directory)
+        if format is None and not listed:
+            raise ArtifactError(f"no export found in {directory}: run `varstudent prune` first")
+        fmt = format or listed[0]
+        if fmt in FILES and fmt not in listed and not (directory / FILES[fmt][0]).is_file():
+            raise ArtifactError(f"no '{fmt}' export in {directory} (it has: {', '.join(listed) or 'none'}); "
+                                f"add it to export.formats and run `varstudent prune`")
+    elif path.is_file():
+        directory, fmt = path.parent, _format_of_file(path)
+        if format is not None and format != fmt:
+            raise ArtifactError(f"{path} is a '{fmt}' export file, not '{format}'")
+    else:
+        raise ArtifactError(f"no model at {path}: pass an export folder (e.g. artifacts/prune) or file")
+    if fmt not in FILES:
+        raise ArtifactError(f"unknown export format '{fmt}' (known: {', '.join(FILES)})")
+    if fmt == "sparse":
+        from varstudent.export.sparse import load_sparse
+
+        model: nn.Module = load_sparse(directory)
+    elif fmt == "onnx":
+        from varstudent.export.onnx_graph import load_onnx
+
+        model = load_onnx(directory, threads)
+    else:
+        model = load_model(directory, fmt)
+    _dry_run(model, directory / FILES[fmt][0])
+    model.export_format = fmt
+    return model
+
+
+@torch.no_grad()
+def _dry_run(model: nn.Module, where: Path) -> None:
+    """One zero image through the model: layers whose shapes do not chain are an error now, not at use."""
+    spec = model.spec
+    try:
+        out = model(torch.zeros(1, *spec["input_shape"]))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise ArtifactError(f"{where}: the layers do not fit together ({str(exc).splitlines()[0][:200]})") from None
+    if tuple(out.shape) != (1, spec["num_classes"]):
+        raise ArtifactError(f"{where}: the model outputs shape {tuple(out.shape)[1:]}, the spec says "
+                            f"({spec['num_classes']},)")
+
+
+def weight_stats(model: nn.Module) -> tuple[int, int]:
+    """(weight entries of the layer matrices, nonzero ones) of any model this package makes or loads."""
+    if hasattr(model, "weight_stats"):
+        return model.weight_stats()
+    from varstudent.prune import layer_table
+
+    rows = layer_table(model)  # masked for a variational student
+    return sum(r["weights"] for r in rows), sum(r["nonzero"] for r in rows)

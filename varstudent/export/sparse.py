@@ -1,0 +1,258 @@
+"""The sparse export: every weight matrix stored compressed, each linear layer run by the faster kernel.
+
+Storage (sparse.safetensors), per layer i, whichever of the two is smaller:
+- CSR with relative column indices: `layers.i.row_entries` (entries per row), `layers.i.gaps` (uint8, one per
+  entry: the column advance minus 1) and `layers.i.values`. A gap over 256 columns takes filler entries
+  (advance 256, value 0), the relative indexing of Han, Mao, Dally (Deep Compression, ICLR 2016), so an index
+  costs one byte whatever the width. A conv weight (out, in, k, k) is stored as the (out, in*k*k) matrix.
+- dense: `layers.i.weight`, when the matrix has so few zeros that CSR would be larger.
+Values are float32, or float16 on request; biases are float32. Batch norm is folded into the weights
+(folded.py). An MLP's kept inputs are `input_mask`, one bit per input pixel.
+
+Execution: a linear layer runs as CSR (torch.addmm with a sparse CSR matrix) or dense (F.linear), whichever was
+faster at batch 256 when the export was written (both timed at batch 1 and 256 with warm-up and repeats; the
+times and the choice are recorded in sparse.json). Convolutions are decompressed to dense at load and run with
+F.conv2d: torch has no sparse convolution kernel on the CPU, so for them CSR is a storage format only.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from varstudent.artifacts import read_tensors, write_tensors
+from varstudent.errors import ArtifactError
+from varstudent.export.folded import export_spec, folded_layers
+from varstudent.nn.architectures import Net
+
+NAME = "sparse"
+FILLER_STRIDE = 256  # the largest column advance one uint8 gap encodes
+CHOICE_RULE = "csr when its median time at batch 256 is below dense's, else dense; convolutions always dense"
+
+
+def _smallest_uint(max_value: int) -> np.dtype:
+    """uint8 / int16 / int32: the smallest safetensors-friendly integer dtype that holds max_value."""
+    for dtype in (np.uint8, np.int16, np.int32):
+        if max_value <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def encode_csr(matrix: np.ndarray, values_dtype: np.dtype) -> dict[str, np.ndarray]:
+    """(out, n) matrix -> row_entries (out,), gaps (E,) uint8, values (E,): CSR with one-byte relative indices."""
+    rows, cols = np.nonzero(matrix)  # row-major order: columns ascend within each row
+    values = matrix[rows, cols]
+    row_start = np.r_[True, rows[1:] != rows[:-1]] if rows.size else np.zeros(0, bool)
+    previous = np.where(row_start, -1, np.r_[-1, cols[:-1]])
+    gap = cols - previous  # >= 1: columns from the previous nonzero of the row (or from column -1)
+    fillers = (gap - 1) // FILLER_STRIDE
+    entries = fillers + 1  # each nonzero is preceded by its fillers
+    advance = np.full(int(entries.sum()), FILLER_STRIDE, dtype=np.int64)
+    stored = np.zeros(advance.size, dtype=values_dtype)
+    last = np.cumsum(entries) - 1
+    advance[last] = gap - FILLER_STRIDE * fillers  # in 1..256
+    stored[last] = values
+    row_entries = np.bincount(np.repeat(rows, entries), minlength=matrix.shape[0])
+    return {"row_entries": row_entries.astype(_smallest_uint(int(row_entries.max(initial=0)))),
+            "gaps": (advance - 1).astype(np.uint8), "values": stored}
+
+
+def decode_csr(row_entries: np.ndarray, gaps: np.ndarray, values: np.ndarray, shape: tuple[int, int],
+               where: str) -> np.ndarray:
+    """The dense float32 (out, n) matrix; a clear error when the arrays do not fit `shape`."""
+    out, n = shape
+    entries = row_entries.astype(np.int64)
+    if row_entries.shape != (out,) or (entries < 0).any():
+        raise ArtifactError(f"{where}: row_entries has shape {row_entries.shape}, the spec says ({out},)")
+    total = int(entries.sum())
+    if gaps.shape != (total,) or values.shape != (total,):
+        raise ArtifactError(f"{where}: gaps {gaps.shape} and values {values.shape} should both hold the "
+                            f"{total} entries that row_entries counts")
+    advance = np.cumsum(gaps.astype(np.int64) + 1)  # running column + 1, across rows
+    before_row = np.r_[0, advance][np.cumsum(entries) - entries]  # the running sum where each row starts
+    cols = advance - np.repeat(before_row, entries) - 1
+    if total and cols.max() >= n:
+        raise ArtifactError(f"{where}: a column index reaches {int(cols.max())}, the layer has {n} inputs")
+    dense = np.zeros((out, n), dtype=np.float32)
+    dense[np.repeat(np.arange(out), entries), cols] = values.astype(np.float32)  # fillers write a 0
+    return dense
+
+
+def _median_ms(fn, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
+    inner = 20 if x.shape[0] == 1 else 1  # a batch-1 call takes microseconds: time 20 at once
+    for _ in range(warmup * inner):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn(x)
+        times.append((time.perf_counter() - start) / inner)
+    return 1e3 * statistics.median(times)
+
+
+@torch.no_grad()
+def time_linear(weight: torch.Tensor, bias: torch.Tensor, repeats: int) -> dict[str, Any]:
+    """Median ms of dense and CSR execution at batch 1 and 256, and the faster by CHOICE_RULE."""
+    csr = _csr(weight)
+    ms: dict[str, dict[str, float]] = {"dense": {}, "csr": {}}
+    for batch in (1, 256):
+        x = torch.rand(batch, weight.shape[1])
+        ms["dense"][f"b{batch}"] = _median_ms(lambda v: F.linear(v, weight, bias), x, repeats)
+        ms["csr"][f"b{batch}"] = _median_ms(lambda v: torch.addmm(bias[:, None], csr, v.t()).t(), x, repeats)
+    execution = "csr" if ms["csr"]["b256"] < ms["dense"]["b256"] else "dense"
+    return {"execution": execution, "ms": ms}
+
+
+def _csr(weight: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": we test what we use
+        warnings.simplefilter("ignore", UserWarning)
+        return weight.to_sparse_csr()
+
+
+class SparseLayer(nn.Module):
+    """One layer: CSR or dense linear, or dense conv; then ReLU and 2x2 max pool as the spec says."""
+
+    def __init__(self, spec: dict[str, Any], weight: torch.Tensor, bias: torch.Tensor, execution: str) -> None:
+        super().__init__()
+        self.kind, self.relu, self.pool = spec["kind"], spec["relu"], bool(spec.get("pool"))
+        self.padding = int(spec.get("padding", 0))
+        self.bias = bias
+        self.csr = _csr(weight) if execution == "csr" else None
+        self.weight = None if execution == "csr" else weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.csr is not None:  # W (out, in) CSR @ x^T (in, B) -> (out, B), transposed back to (B, out)
+            x = torch.addmm(self.bias[:, None], self.csr, x.t()).t()
+        elif self.kind == "linear":
+            x = F.linear(x, self.weight, self.bias)
+        else:
+            x = F.conv2d(x, self.weight, self.bias, padding=self.padding)
+        if self.relu:
+            x = torch.relu(x)
+        if self.pool:
+            x = F.max_pool2d(x, 2)
+        return x
+
+    def weight_stats(self) -> tuple[int, int]:
+        weight = self.csr if self.csr is not None else self.weight
+        nonzero = int(self.csr.values().ne(0).sum()) if self.csr is not None else int(weight.ne(0).sum())
+        return int(np.prod(weight.shape)), nonzero
+
+
+class SparseNet(nn.Module):
+    """The sparse export loaded back: same call as Net, (B, C, H, W) -> logits (B, classes), on the CPU."""
+
+    def __init__(self, spec: dict[str, Any], layers: list[SparseLayer], input_index: torch.Tensor | None) -> None:
+        super().__init__()
+        self.spec, self.layers, self.input_index = spec, nn.ModuleList(layers), input_index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layers[0].kind == "linear":
+            x = x.flatten(1)  # (B, C*H*W)
+            if self.input_index is not None:
+                x = x.index_select(1, self.input_index)  # (B, kept inputs)
+        for layer in self.layers:
+            if x.dim() == 4 and layer.kind == "linear":
+                x = x.flatten(1)
+            x = layer(x)
+        return x
+
+    def weight_stats(self) -> tuple[int, int]:
+        stats = [layer.weight_stats() for layer in self.layers]
+        return sum(s[0] for s in stats), sum(s[1] for s in stats)
+
+
+def write_sparse(net: Net, directory: Path, values_dtype: str = "float32", repeats: int = 20) -> Path:
+    layers = folded_layers(net)
+    spec = export_spec(net, layers)
+    vdtype = np.dtype(values_dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    if net.input_index is not None:
+        mask = np.zeros(int(np.prod(spec["input_shape"])), dtype=bool)
+        mask[net.input_index.numpy()] = True
+        tensors["input_mask"] = torch.from_numpy(np.packbits(mask))  # one bit per input pixel
+    choices = []
+    for i, layer in enumerate(layers):
+        matrix = layer.weight.reshape(layer.weight.shape[0], -1).numpy()  # (out, in*k*k)
+        csr = encode_csr(matrix, vdtype)
+        csr_bytes, dense_bytes = sum(a.nbytes for a in csr.values()), matrix.size * vdtype.itemsize
+        storage = "csr" if csr_bytes < dense_bytes else "dense"
+        if storage == "csr":
+            tensors.update({f"layers.{i}.{k}": torch.from_numpy(v) for k, v in csr.items()})
+        else:
+            tensors[f"layers.{i}.weight"] = torch.from_numpy(matrix.astype(vdtype)).reshape(layer.weight.shape)
+        tensors[f"layers.{i}.bias"] = layer.bias
+        choice: dict[str, Any] = {"storage": storage, "csr_bytes": int(csr_bytes), "dense_bytes": int(dense_bytes),
+                                  "nonzero": int(np.count_nonzero(matrix)), "weights": int(matrix.size)}
+        if layer.kind == "linear":
+            rounded = torch.from_numpy(matrix.astype(vdtype).astype(np.float32))
+            choice.update(time_linear(rounded, layer.bias, repeats))
+        else:
+            choice.update(execution="dense", ms=None)
+        choices.append(choice)
+    return write_tensors(directory, NAME, tensors, {
+        "format": NAME, "spec": spec, "input_mask": "input_mask" in tensors, "values_dtype": values_dtype,
+        "choices": choices, "rule": CHOICE_RULE, "threads": torch.get_num_threads()})
+
+
+def _tensor(tensors: dict[str, torch.Tensor], key: str, where: str) -> np.ndarray:
+    if key not in tensors:
+        raise ArtifactError(f"{where}: tensor {key} is missing")
+    return tensors[key].numpy()
+
+
+def load_sparse(directory: Path) -> SparseNet:
+    doc, tensors = read_tensors(directory, NAME, "sparse export")
+    where = str(directory / f"{NAME}.safetensors")
+    try:
+        spec, choices = doc["spec"], doc["choices"]
+        specs = spec["layers"]
+        input_shape = [int(d) for d in spec["input_shape"]]
+        if doc["format"] != NAME or len(choices) != len(specs) or not specs:
+            raise ValueError("layers and choices differ")
+        expected = {"input_mask"} if doc["input_mask"] else set()
+        for i, (layer, choice) in enumerate(zip(specs, choices)):
+            if choice["storage"] not in ("csr", "dense") or choice["execution"] not in ("csr", "dense") \
+                    or layer["kind"] not in ("linear", "conv"):
+                raise ValueError(f"layer {i}: unknown kind, storage or execution")
+            parts = ("row_entries", "gaps", "values") if choice["storage"] == "csr" else ("weight",)
+            expected |= {f"layers.{i}.{p}" for p in (*parts, "bias")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{directory / (NAME + '.json')}: not a sparse export spec ({exc!r})") from None
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise ArtifactError(f"{where}: tensors do not match the spec (missing: {missing[:3]}, "
+                            f"unexpected: {extra[:3]})")
+    input_index = None
+    if doc["input_mask"]:
+        n_pixels = int(np.prod(input_shape))
+        bits = _tensor(tensors, "input_mask", where)
+        if bits.shape != (-(-n_pixels // 8),):
+            raise ArtifactError(f"{where}: input_mask has shape {bits.shape}, {n_pixels} input pixels need "
+                                f"({-(-n_pixels // 8)},)")
+        input_index = torch.from_numpy(np.flatnonzero(np.unpackbits(bits)[:n_pixels]))
+    layers = []
+    for i, (layer, choice) in enumerate(zip(specs, choices)):
+        k = layer["kernel"] if layer["kind"] == "conv" else 1
+        shape = (layer["out"], layer["in"], k, k) if layer["kind"] == "conv" else (layer["out"], layer["in"])
+        if choice["storage"] == "csr":
+            arrays = (_tensor(tensors, f"layers.{i}.{p}", where) for p in ("row_entries", "gaps", "values"))
+            matrix = decode_csr(*arrays, (layer["out"], layer["in"] * k * k), f"{where}: layer {i}")
+            weight = torch.from_numpy(matrix).reshape(shape)
+        else:
+            weight = tensors[f"layers.{i}.weight"].float()
+        bias = tensors[f"layers.{i}.bias"].float()
+        for key, value, want in ((f"layers.{i}.weight", weight, shape), (f"layers.{i}.bias", bias, shape[:1])):
+            if tuple(value.shape) != tuple(want):
+                raise ArtifactError(f"{where}: tensor {key} has shape {tuple(value.shape)}, the spec says {want}")
+        layers.append(SparseLayer(layer, weight, bias, choice["execution"] if layer["kind"] == "linear" else "dense"))
+    return SparseNet(spec, layers, input_index).eval()
