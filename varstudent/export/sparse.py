@@ -31,7 +31,7 @@ from torch import nn
 from varstudent.artifacts import read_tensors, write_tensors
 from varstudent.errors import ArtifactError
 from varstudent.export.folded import export_spec, folded_layers
-from varstudent.nn.architectures import Net
+from varstudent.nn.architectures import Net, run_chain
 
 NAME = "sparse"
 FILLER_STRIDE = 256  # the largest column advance one uint8 gap encodes
@@ -156,15 +156,7 @@ class SparseNet(nn.Module):
         self.spec, self.layers, self.input_index = spec, nn.ModuleList(layers), input_index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layers[0].kind == "linear":
-            x = x.flatten(1)  # (B, C*H*W)
-            if self.input_index is not None:
-                x = x.index_select(1, self.input_index)  # (B, kept inputs)
-        for layer in self.layers:
-            if x.dim() == 4 and layer.kind == "linear":
-                x = x.flatten(1)
-            x = layer(x)
-        return x
+        return run_chain(x, self.layers, self.input_index)
 
     def weight_stats(self) -> tuple[int, int]:
         stats = [layer.weight_stats() for layer in self.layers]

@@ -120,21 +120,26 @@ class Net(nn.Module):
         self.spec = spec
         self.blocks = nn.ModuleList(Block(layer, spec["variational"], spec["threshold"])
                                     for layer in spec["layers"])
-        self.first_conv = spec["layers"][0]["kind"] == "conv"
         index = spec.get("input_index")
         self.register_buffer("input_index", torch.tensor(index, dtype=torch.long) if index is not None
                              else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) -> logits (B, classes)
-        if not self.first_conv:
-            x = x.flatten(1)  # (B, C*H*W)
-            if self.input_index is not None:
-                x = x.index_select(1, self.input_index)  # (B, kept inputs)
-        for block in self.blocks:
-            if x.dim() == 4 and block.kind == "linear":
-                x = x.flatten(1)
-            x = block(x)
-        return x
+        return run_chain(x, self.blocks, self.input_index)
+
+
+def run_chain(x: torch.Tensor, blocks, input_index: torch.Tensor | None) -> torch.Tensor:
+    """Apply a chain of blocks (each with a `kind`), flattening before the first linear one; shared by Net
+    and the exports that rebuild the chain with other layer types."""
+    if blocks[0].kind == "linear":
+        x = x.flatten(1)  # (B, C*H*W)
+        if input_index is not None:
+            x = x.index_select(1, input_index)  # (B, kept inputs)
+    for block in blocks:
+        if x.dim() == 4 and block.kind == "linear":
+            x = x.flatten(1)
+        x = block(x)
+    return x
 
 
 def build_model(spec: dict[str, Any]) -> Net:
