@@ -16,8 +16,8 @@ import numpy as np
 import optuna
 import pytest
 
-from tests.conftest import cli
-from tests.pg_server import postgres_server
+from tests.conftest import assert_clean_error, cli
+from tests.pg_server import free_port, postgres_server
 from varstudent import tune
 from varstudent.cli_tune import _Session
 from varstudent.config import TUNABLE, load_params
@@ -218,3 +218,13 @@ def test_four_workers_share_one_postgres_study_and_a_killed_worker_does_not_bloc
         want = expected[name]
         got = getattr(written.distill, name)
         assert (got == want) if isinstance(got, str) else got == pytest.approx(float(want)), name
+
+
+def test_bad_tune_settings_and_an_unreachable_storage_are_one_line_errors(tmp_path: Path) -> None:
+    bad_range = cli("tune", "--set", "tune.lr=[0.01,0.001]", cwd=tmp_path)
+    assert_clean_error(bad_range, "tune.lr: low 0.01 is above high 0.001")
+    nobody_listens = f"postgresql://u:secret@127.0.0.1:{free_port()}/optuna"
+    refused = cli("tune", "--storage", nobody_listens, "--set", "tracking.enabled=false", cwd=tmp_path)
+    assert_clean_error(refused, "Optuna storage postgresql+psycopg://u:***@127.0.0.1")
+    assert "secret" not in refused.stderr
+    assert not (tmp_path / "artifacts").exists()  # failed before preparing data or training a teacher

@@ -131,8 +131,8 @@ def tune(ctx: typer.Context, params: Path = ParamsOpt, set_: list[str] | None = 
     from varstudent.errors import VarstudentError
 
     settings = _settings(params, set_, storage, study)
+    session = _Session(settings, out, worker_index)  # first: a storage that is not usable fails fast
     teacher_dir = tuning.prepare_study_inputs(settings, out, teacher)
-    session = _Session(settings, out, worker_index)
     if workers == 1:
         logging.getLogger("varstudent.train").setLevel(logging.WARNING)
         callbacks = [session.log_trial] if session.tracker else []

@@ -110,7 +110,7 @@ def prepare_study_inputs(params: Params, out: Path, teacher_dir: Path | None) ->
         if not (teacher_dir / "teacher.json").is_file():
             raise ConfigError(f"--teacher {teacher_dir}: no teacher.json there")
         return teacher_dir
-    if not (dirs["teacher"] / "teacher.json").is_file():
+    if not (dirs["teacher"] / "teacher.json").is_file():  # kept for every later study under OUT
         log.info("training the study's teacher once on the tuning split")
         stages.teacher(params, dirs["data"], dirs["teacher"])
     return dirs["teacher"]
@@ -278,10 +278,9 @@ def fail_orphans(study: optuna.Study, workers: list[str], reason: str) -> list[o
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if trial.user_attrs.get(WORKER_ATTR) in workers:
             try:
-                study._storage.set_trial_user_attr(trial._trial_id, FAIL_ATTR, reason)
-                if study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
-                    failed.append(study._storage.get_trial(trial._trial_id))
-            except optuna.exceptions.UpdateFinishedTrialError:
+                optuna.trial.Trial(study, trial._trial_id).set_user_attr(FAIL_ATTR, reason)
+                failed.append(study.tell(trial.number, state=optuna.trial.TrialState.FAIL))
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
                 pass  # finished meanwhile, or failed by another worker's heartbeat check
     return failed
 

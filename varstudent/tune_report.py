@@ -43,7 +43,7 @@ def save_png(rows: list[dict[str, Any]], front: list[int], path: Path, title: st
     ax.scatter([r["compression"] for r in done], [100 * r["val_accuracy"] for r in done], s=18, c="0.65",
                label=f"trials ({len(done)} complete)")
     ax.plot([r["compression"] for r in pareto], [100 * r["val_accuracy"] for r in pareto], "o-", c="C3",
-            drawstyle="steps-post", label=f"Pareto front ({len(pareto)})")
+            drawstyle="steps-pre", label=f"Pareto front ({len(pareto)})")
     for r in pareto:
         ax.annotate(str(r["number"]), (r["compression"], 100 * r["val_accuracy"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
@@ -76,7 +76,7 @@ def save_html(rows: list[dict[str, Any]], front: list[int], path: Path, title: s
         fig.add_trace(go.Scatter(x=[r["compression"] for r in group], y=[100 * r["val_accuracy"] for r in group],
                                  mode="markers" if name == "trials" else "lines+markers", name=name,
                                  marker=style, text=[hover(r) for r in group], hoverinfo="text+x+y",
-                                 line=dict(shape="hv")))
+                                 line=dict(shape="vh")))
     fig.update_layout(title=title, xaxis=dict(title="compression", type="log"),
                       yaxis=dict(title="validation accuracy %"), template="plotly_white")
     html = fig.to_html(include_plotlyjs=True, full_html=True)
