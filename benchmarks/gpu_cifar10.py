@@ -28,23 +28,25 @@ import numpy as np
 
 
 def pack(args: argparse.Namespace) -> None:
-    from varstudent.data import load_prepared
+    from safetensors.numpy import load_file
 
-    data = load_prepared(Path(args.prepared))
+    prepared = Path(args.prepared)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    arrays = load_file(prepared / "data.safetensors")  # the uint8 images, as prepare wrote them
     rng = np.random.default_rng(args.seed)
+    classes = manifest["num_classes"]
 
     def stratified(x, y, n):
-        per_class = n // data.num_classes
-        keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(data.num_classes)])
+        keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:n // classes] for c in range(classes)])
         keep = rng.permutation(keep)
         return x[keep], y[keep]
 
-    x_train, y_train = stratified(data.x_train.numpy(), data.y_train.numpy(), args.train)
-    x_test, y_test = stratified(data.x_test.numpy(), data.y_test.numpy(), args.test)
+    x_train, y_train = stratified(arrays["x_train"], arrays["y_train"], args.train)
+    x_test, y_test = stratified(arrays["x_test"], arrays["y_test"], args.test)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-                        source=np.array(data.manifest["dataset"] + ":" + data.manifest["sha256"]))
+                        source=np.array(manifest["dataset"] + ":" + manifest["sha256"]))
     print(f"{out}: {len(y_train)} train / {len(y_test)} test, {out.stat().st_size / 2**20:.1f} MiB")
 
 
