@@ -70,6 +70,7 @@ def test_validation_split_is_stratified_from_the_training_data_only(tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Fixed parameter vd_weight:UserWarning")  # the enqueued 1e38 on purpose
 def test_diverging_trial_fails_with_its_reason_the_study_goes_on_and_mlflow_nests_every_trial(
         tmp_path: Path, digits_dir: Path) -> None:
     from mlflow.tracking import MlflowClient
@@ -102,6 +103,7 @@ def test_diverging_trial_fails_with_its_reason_the_study_goes_on_and_mlflow_nest
     assert by_number[1].data.params["lr"] == str(trials[1].params["lr"])
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # study.ask() below, on purpose
 def test_a_resumed_study_continues_to_its_total_budget(tmp_path: Path, digits_dir: Path) -> None:
     out = prepared_out(tmp_path, digits_dir)
     first = load_params(None, tiny(tmp_path, "tune.n_trials=2", "tracking.enabled=false"))
@@ -114,6 +116,17 @@ def test_a_resumed_study_continues_to_its_total_budget(tmp_path: Path, digits_di
     assert tune.work(study, more, out, teacher_dir, []) == 0  # budget used: nothing more
     assert [t.number for t in study.get_trials()] == [0, 1, 2]
     assert (tune.tune_dirs(out)["root"] / "study.db").is_file()  # the default storage: a local sqlite file
+
+    # a RUNNING trial of a worker known to be dead is failed at once, with the reason; others are left alone
+    orphan, alive = study.ask(), study.ask()
+    orphan.set_user_attr(tune.WORKER_ATTR, "host:1")
+    alive.set_user_attr(tune.WORKER_ATTR, "host:2")
+    failed = tune.fail_orphans(study, ["host:1"], "worker process ended with status -9")
+    assert [t.number for t in failed] == [orphan.number]
+    states = {t.number: t for t in study.get_trials()}
+    assert states[orphan.number].state == optuna.trial.TrialState.FAIL
+    assert states[orphan.number].user_attrs[tune.FAIL_ATTR] == "worker process ended with status -9"
+    assert states[alive.number].state == optuna.trial.TrialState.RUNNING
 
 
 def _dominates(a: dict, b: dict) -> bool:

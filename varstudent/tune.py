@@ -25,7 +25,8 @@ import re
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,6 @@ WORKER_ATTR, FAIL_ATTR, DISTILL_ATTR = "worker", "fail_reason", "distill"
 MLFLOW_RUN_ATTR = "mlflow_run_id"
 STALE_REASON = "no heartbeat within the grace period (worker lost)"
 
-# heartbeats and metric names are marked experimental in optuna 5; we rely on them knowingly
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def tune_dirs(out: Path, study_name: str = "") -> dict[str, Path]:
@@ -118,6 +117,14 @@ def prepare_study_inputs(params: Params, out: Path, teacher_dir: Path | None) ->
 
 # ---------------------------------------------------------------- storage, sampler, study
 
+@contextmanager
+def _experimental_ok() -> Iterator[None]:
+    """Heartbeats and metric names are marked experimental in optuna 5; we use them knowingly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def storage_url(params: Params, out: Path) -> str:
     url = params.tune.storage
     if url == "auto":
@@ -155,9 +162,10 @@ def open_storage(params: Params, url: str,
     else:
         engine = {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
-                                          grace_period=cfg.grace_period,
-                                          heartbeat_stale_trial_callback=on_stale_trial)
+        with _experimental_ok():
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
+                                              grace_period=cfg.grace_period,
+                                              heartbeat_stale_trial_callback=on_stale_trial)
     except Exception as exc:  # SQLAlchemy raises many kinds for an unreachable or refused database
         raise ServiceError(f"Optuna storage {redact(url)} is not usable: "
                            f"{str(exc).strip().splitlines()[0][:200]}") from None
@@ -183,7 +191,8 @@ def open_study(params: Params, storage: optuna.storages.BaseStorage, worker_inde
     except ValueError as exc:  # e.g. an existing single-objective study of that name
         raise ConfigError(f"study {params.tune.study_name!r}: {exc}") from None
     if study.metric_names is None:
-        study.set_metric_names(list(OBJECTIVES))
+        with _experimental_ok():
+            study.set_metric_names(list(OBJECTIVES))
     return study
 
 
