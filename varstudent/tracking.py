@@ -36,6 +36,11 @@ class Tracker:
         if not self.enabled:
             return
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from varstudent.services import bound_mlflow_http, check_service, redact
+
+        bound_mlflow_http(params.services.retries, params.services.timeout_s)
+        check_service(params.tracking.uri, "MLflow tracking store", params.services.retries,
+                      params.services.timeout_s)
         import mlflow
 
         self.mlflow = mlflow
@@ -43,7 +48,7 @@ class Tracker:
             mlflow.set_tracking_uri(params.tracking.uri)
             mlflow.set_experiment(params.tracking.experiment)
         except Exception as exc:  # mlflow raises many kinds for a bad store; the user needs the URI
-            raise ServiceError(f"MLflow tracking store {params.tracking.uri} is not usable: "
+            raise ServiceError(f"MLflow tracking store {redact(params.tracking.uri)} is not usable: "
                                f"{str(exc).splitlines()[0][:200]}") from None
 
     @contextmanager
