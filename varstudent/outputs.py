@@ -50,6 +50,8 @@ def out_lock(root: Path) -> Iterator[None]:
         finally:
             _held[root] -= 1
         return
+    if root.exists() and not root.is_dir():
+        raise VarstudentError(f"--out {root} is a file, not a folder")
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
