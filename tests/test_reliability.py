@@ -107,6 +107,26 @@ def test_a_damaged_checkpoint_is_ignored_with_a_warning(tmp_path: Path, caplog) 
     assert "resuming" not in caplog.text and result.epochs_run == 6
 
 
+def test_checkpoint_every_sets_the_cadence_and_zero_turns_it_off(digits_dir: Path, tmp_path: Path) -> None:
+    model, x, y, loss_fn = _toy_variational()
+    saved: list[int] = []
+
+    class Recording(Checkpointer):
+        def save(self, epochs_done, *args):
+            saved.append(epochs_done)
+            return super().save(epochs_done, *args)
+
+    fit(model, x, y, loss_fn, SETTINGS, checkpoint=Recording(tmp_path / "every2", 2, {}, "t"))
+    assert saved == [2, 4, 6]
+
+    from varstudent import stages
+    from varstudent.config import load_params
+
+    params = load_params(None, [s for s in DISTILL if s != "--set"] + ["teacher.epochs=1", "train.checkpoint_every=0"])
+    stages.teacher(params, digits_dir, tmp_path / "teacher", tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
 def test_divergence_names_the_term_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     model, x, y, _ = _toy_variational()
 
