@@ -17,8 +17,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -259,7 +261,8 @@ def test_the_catalogue_is_complete() -> None:
 
 # --- services and the disk: real subprocesses (a file-size limit, sockets, bounded retry timing)
 
-SERVICE_CASES = ["mlflow-http-unreachable", "postgresql-refusing", "disk-full", "read-only-out"]
+SERVICE_CASES = ["mlflow-http-unreachable", "postgresql-refusing", "mlflow-http-failing", "disk-full",
+                 "read-only-out"]
 
 
 @pytest.mark.parametrize("uri,what", [
@@ -279,6 +282,36 @@ def test_an_unreachable_tracking_server_is_a_bounded_clear_error(uri: str, what:
     assert_clean_error(result, what.format(port=port), "Connection refused")
     assert "s3cret" not in result.stderr  # the password never reaches a log
     assert time.monotonic() - started < 60  # bounded: 2 attempts, no library retry loop of minutes
+    assert _snapshot(tmp_path / "artifacts") == before
+
+
+class _Broken(BaseHTTPRequestHandler):
+    """A tracking server that is up but failing: 503 to everything."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.send_response(503)
+        self.end_headers()
+
+    do_POST = do_GET  # noqa: N815
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_tracking_server_answering_errors_is_a_bounded_clear_error(finished: Path, tmp_path: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    shutil.copytree(finished, tmp_path / "artifacts")
+    before = _snapshot(tmp_path / "artifacts")
+    started = time.monotonic()
+    try:
+        result = cli("teacher", *_sets("tracking.enabled=true", f"tracking.uri={uri}", "services.retries=1"),
+                     cwd=tmp_path)
+    finally:
+        server.shutdown()
+    assert_clean_error(result, f"MLflow tracking store {uri} is not usable")
+    assert time.monotonic() - started < 90  # MLflow's HTTP retries are bounded by services.retries
     assert _snapshot(tmp_path / "artifacts") == before
 
 

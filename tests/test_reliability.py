@@ -274,3 +274,40 @@ def test_a_failed_stage_leaves_the_previous_outputs_whole(tmp_path: Path, digits
     with staged(final) as to:
         (to / "new.txt").write_text("complete")
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+
+
+def test_a_tracking_server_that_dies_mid_run_is_one_clear_error() -> None:
+    from varstudent.config import load_params
+    from varstudent.errors import ServiceError
+    from varstudent.tracking import Tracker
+
+    class DeadAfterStart:  # the part of MLflow's API that Tracker uses; the server goes away after start_run
+        status = None
+
+        def start_run(self, run_name: str) -> None:
+            pass
+
+        def set_tags(self, tags) -> None:
+            pass
+
+        def log_params(self, params) -> None:
+            pass
+
+        def log_metrics(self, metrics) -> None:
+            raise ConnectionError("Max retries exceeded with url: /api/2.0/mlflow/runs/log-batch")
+
+        def end_run(self, status: str = "FINISHED") -> None:
+            self.status = status
+            raise ConnectionError("still down")
+
+    params = load_params(None, ["tracking.enabled=false", "tracking.uri=http://me:pw@127.0.0.1:5000"])
+    tracker = Tracker(params)
+    tracker.enabled, tracker.mlflow = True, DeadAfterStart()
+    with pytest.raises(ServiceError, match=r"MLflow tracking store http://me:\*\*\*@127.0.0.1:5000: could not log "
+                                           r"the teacher metrics .*Max retries exceeded"):
+        with tracker.stage("teacher") as logged:
+            logged["teacher_accuracy"] = 0.9
+    with pytest.raises(TrainingError, match="diverged"):  # the stage's own error wins over the dead server
+        with tracker.stage("distill"):
+            raise TrainingError("diverged")
+    assert tracker.mlflow.status == "FAILED"
