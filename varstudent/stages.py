@@ -46,8 +46,9 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
+    if deterministic:  # the autotuner may pick another algorithm per run
+        torch.backends.cudnn.benchmark = False
 
 
 def _checkpointer(params: Params, stage: str, directory: Path | None, sections: tuple[str, ...],
