@@ -116,6 +116,7 @@ def load_prepared(data_dir: Path) -> PreparedData:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         input_shape = [int(d) for d in manifest["input_shape"]]
         n_train, n_test = int(manifest["n_train"]), int(manifest["n_test"])
+        num_classes = int(manifest["num_classes"])
         expected_sha = str(manifest["sha256"])
         version = manifest["format_version"]
     except (ValueError, KeyError, TypeError) as e:
@@ -139,6 +140,9 @@ def load_prepared(data_dir: Path) -> PreparedData:
         if key not in t or t[key].dtype != dtype or tuple(t[key].shape) != shape:
             got = f"{t[key].dtype} {tuple(t[key].shape)}" if key in t else "missing"
             raise DataError(f"{data_path}: {key} should be {dtype} {shape} per the manifest, got {got}")
+    for key in ("y_train", "y_test"):  # labels index the logits: one out of range would crash training
+        if t[key].numel() and (int(t[key].min()) < 0 or int(t[key].max()) >= num_classes):
+            raise DataError(f"{data_path}: {key} has labels outside the classes 0..{num_classes - 1}")
     return PreparedData(x_train=t["x_train"].to(torch.float32).div_(255.0), y_train=t["y_train"],
                         x_test=t["x_test"].to(torch.float32).div_(255.0), y_test=t["y_test"],
                         manifest=manifest)
