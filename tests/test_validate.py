@@ -276,8 +276,8 @@ def test_train_size_is_stratified_and_seeded(tmp_path: Path) -> None:
     from varstudent.data import load_prepared
 
     a = run_prepare("digits", tmp_path / "a", "data.train_size=200")
-    b = run_prepare("digits", tmp_path / "b", "data.train_size=200")
-    c = run_prepare("digits", tmp_path / "c", "data.train_size=200", "seed=1")
+    run_prepare("digits", tmp_path / "b", "data.train_size=200")
+    run_prepare("digits", tmp_path / "c", "data.train_size=200", "seed=1")
     assert a["n_train"] == 200 and a["n_test"] == 360
     assert max(a["class_counts_train"]) - min(a["class_counts_train"]) <= 2
     assert a["source_n_train"] == 1437
