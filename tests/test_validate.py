@@ -353,3 +353,15 @@ def test_data_check_command_fails_bad_folders(tmp_path: Path) -> None:
     assert "labels are class ids 0..9" in result.stderr and "e.g. train index 17 (label=10)" in result.stderr
     assert "FAILED" in (tmp_path / "r.html").read_text()
     assert_clean_error(cli("data", "check", str(tmp_path / "nothing"), cwd=tmp_path), "not a folder")
+
+
+def test_great_expectations_is_imported_only_by_the_suite() -> None:
+    # Guards: the CLI, the stages and prepare's data path load GX (~3 s, ~280 MB) only when the suite runs.
+    import subprocess
+    import sys
+
+    code = ("import sys, varstudent.cli, varstudent.stages, varstudent.data.prepare, varstudent.data.profile; "
+            "print(sorted(m for m in sys.modules if m.startswith('great_expectations')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
