@@ -283,13 +283,13 @@ def test_train_size_is_stratified_and_seeded(tmp_path: Path) -> None:
     assert a["source_n_train"] == 1437
     da, db, dc = (load_prepared(tmp_path / d) for d in "abc")
     assert da.y_train.tolist() == db.y_train.tolist() and not bool((da.x_train == dc.x_train).all())
-    f = run_prepare("digits", tmp_path / "f", "data.train_fraction=0.1")
+    f = run_prepare("digits", tmp_path / "f", "data.fraction=0.1")
     assert f["n_train"] == round(0.1 * 1437)
 
 
 @pytest.mark.parametrize(("overrides", "error", "needle"), [
-    (["data.train_size=100", "data.train_fraction=0.5"], ConfigError, "set only one"),
-    (["data.train_fraction=0"], ConfigError, "data.train_fraction: must be > 0.0"),
+    (["data.train_size=100", "data.fraction=0.5"], ConfigError, "set only one"),
+    (["data.fraction=0"], ConfigError, "data.fraction: must be > 0.0"),
     (["data.train_size=-1"], ConfigError, "data.train_size: must be >= 0"),
     (["data.train_size=5000"], DataError, "data.train_size 5,000 is more than the 1,437 training samples"),
     (["data.train_size=5"], DataError, "cannot hold all 10 classes"),

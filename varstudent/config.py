@@ -38,13 +38,13 @@ class DataConfig:
     test_fraction: float = _f(0.2, "held-out share for datasets without an official test split",
                               lo=0.0, hi=0.9, lo_open=True)
     train_size: int = _f(0, "low-data runs: keep this many training samples (stratified, seeded); 0 = all", lo=0)
-    train_fraction: float = _f(1.0, "low-data runs: keep this share of the training samples (stratified, "
-                               "seeded); 1 = all", lo=0.0, hi=1.0, lo_open=True)
+    fraction: float = _f(1.0, "low-data runs: keep this share of the training samples (stratified, "
+                         "seeded); 1 = all", lo=0.0, hi=1.0, lo_open=True)
 
     def __post_init__(self) -> None:
-        if self.train_size and self.train_fraction < 1.0:
-            raise ConfigError("data.train_size and data.train_fraction both ask for a subset; set only one "
-                              "(train_size: 0 or train_fraction: 1.0 means all)")
+        if self.train_size and self.fraction < 1.0:
+            raise ConfigError("data.train_size and data.fraction both ask for a subset; set only one "
+                              "(train_size: 0 or fraction: 1.0 means all)")
 
 
 @dataclass(frozen=True)

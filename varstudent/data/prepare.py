@@ -17,11 +17,11 @@ from varstudent.data.sources import Layout, expected_layout, load_dataset, load_
 from varstudent.errors import DataError
 
 
-def subset_train(x: np.ndarray, y: np.ndarray, seed: int, train_size: int, train_fraction: float
+def subset_train(x: np.ndarray, y: np.ndarray, seed: int, train_size: int, fraction: float
                  ) -> tuple[np.ndarray, np.ndarray]:
     """A stratified, seeded subset of the training split (source order kept); all of it when not asked."""
     n = len(y)
-    keep = train_size if train_size else (round(train_fraction * n) if train_fraction < 1.0 else n)
+    keep = train_size if train_size else (round(fraction * n) if fraction < 1.0 else n)
     if train_size > n:
         raise DataError(f"data.train_size {train_size:,} is more than the {n:,} training samples")
     if keep >= n:
@@ -29,7 +29,7 @@ def subset_train(x: np.ndarray, y: np.ndarray, seed: int, train_size: int, train
     n_classes = len(np.unique(y))
     if keep < n_classes:
         raise DataError(f"a stratified subset of {keep} training samples cannot hold all {n_classes} classes; "
-                        "raise data.train_size / data.train_fraction")
+                        "raise data.train_size / data.fraction")
     from sklearn.model_selection import train_test_split
 
     try:
@@ -65,7 +65,7 @@ def prepare_dataset(data: DataConfig, validate: ValidateConfig, seed: int, out_d
         report = result.write(out_dir, FAILED_REPORT_FILE)
         raise DataError(f"{result.message()}\nnothing was written to {out_dir} except the report {report}")
     n_source = len(y_train)
-    x_train, y_train = subset_train(x_train, y_train, seed, data.train_size, data.train_fraction)
+    x_train, y_train = subset_train(x_train, y_train, seed, data.train_size, data.fraction)
     # no timings in the manifest: identical data must give an identical manifest, or DVC reruns every stage
     extra = {"source_n_train": n_source, "validation": {"expectations": len(result.checks), "passed": True}}
     result.write(out_dir)  # before the data: the manifest, written last, marks the whole set complete
