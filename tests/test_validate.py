@@ -226,6 +226,9 @@ def test_fake_fashion_mnist_passes_and_is_pinned(tmp_path: Path, monkeypatch: py
     assert sorted(p.name for p in (raw / "fashion-mnist").iterdir()) == sorted(pins)
     data = json.loads((tmp_path / "prepare" / "manifest.json").read_text())
     assert data["input_shape"] == [1, 28, 28] and data["validation"] == {"expectations": 15, "passed": True}
+    stages.fetch(load_params(None, ["data.dataset=fashion-mnist"]), raw)  # DVC's fetch stage: lists them
+    assert json.loads((raw / "sources.json").read_text()) == {
+        "dataset": "fashion-mnist", "files": {f"fashion-mnist/{name}": sha for name, sha in pins.items()}}
     (raw / "fashion-mnist" / f"{IDX[0]}.gz").unlink()
     (system / f"{IDX[0]}.gz").write_bytes(b"other")
     with pytest.raises(DataError, match="sha256 mismatch"):
