@@ -100,6 +100,10 @@ def _test_size(a):  # test images 7x7, train 6x6
     a[IDX[2]] = np.zeros((N_TEST, SIDE + 1, SIDE + 1), np.uint8)
 
 
+def _empty_test_split(a):  # valid IDX files holding 0 images and 0 labels
+    a[IDX[2]], a[IDX[3]] = np.zeros((0, SIDE, SIDE), np.uint8), np.zeros(0, np.uint8)
+
+
 def _imbalance(a):  # class 0 has 13 train samples, class 1 only 1 (ratio 13 > 2)
     a[IDX[1]][:] = np.r_[np.zeros(10, np.uint8), np.repeat(np.arange(10, dtype=np.uint8), 3)]
     a[IDX[1]][np.flatnonzero(a[IDX[1]] == 1)[1:]] = 0
@@ -115,6 +119,8 @@ BAD_IDX_CASES: list[tuple[str, Callable, list[str]]] = [
                                          "e.g. test (n_images=20, n_labels=19)"]),
     ("wrong-size", _test_size, ["images are 1x6x6 (C x H x W)", "e.g. test (shape=1x7x7)"]),
     ("imbalance", _imbalance, ["class balance", "validate.max_class_ratio", "e.g. train class 1"]),
+    ("empty-split", _empty_test_split, ["every split has images", "e.g. test (n_images=0)",
+                                        "every class occurs in every split", "e.g. test class 0 (count=0)"]),
 ]
 
 

@@ -28,7 +28,7 @@ _HASH_SEED = 0x5EED
 
 def _rows(x: np.ndarray) -> np.ndarray:
     """(N, ...) -> (N, D) C-contiguous view (a copy only when x is not contiguous)."""
-    return np.ascontiguousarray(x).reshape(len(x), -1)
+    return np.ascontiguousarray(x).reshape(len(x), int(np.prod(x.shape[1:])))  # -1 fails for N = 0
 
 
 def content_hashes(x: np.ndarray) -> np.ndarray:
