@@ -16,12 +16,14 @@ from typing import Any
 
 import typer
 
+from varstudent.cli_data import data_app
 from varstudent.cli_tune import tune_app
 from varstudent.errors import VarstudentError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil a teacher network into a sparse variational student, prune and evaluate it.")
 
+app.add_typer(data_app, name="data")
 app.add_typer(tune_app, name="tune")
 
 STAGES = ("prepare", "teacher", "distill", "prune", "evaluate")

@@ -20,7 +20,7 @@ from varstudent.errors import ConfigError
 
 # names checked when params are read, so a typo fails before any stage spends time
 ARCH_PATTERN = r"mlp(-\d+)+|lenet-300-100|lenet5|vgg-like"
-DATASET_PATTERN = r"mnist|cifar10|mnist5k|digits|dir:.+"
+DATASET_PATTERN = r"mnist|fashion-mnist|cifar10|mnist5k|digits|dir:.+"
 # upper bounds that catch a typo (an extra zero or two) before it turns into an out-of-memory crash or a
 # year-long run; far above anything this project trains
 MAX_WIDTH = 64.0
@@ -39,11 +39,25 @@ def _f(default: Any, why: str, *, lo: float | None = None, hi: float | None = No
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _f("mnist", "mnist | cifar10 | mnist5k | digits | dir:PATH (a folder of IDX files)",
+    dataset: str = _f("mnist", "mnist | fashion-mnist | cifar10 | mnist5k | digits | dir:PATH (IDX files)",
                       pattern=DATASET_PATTERN)
     raw_dir: str = _f("data/raw", "where prepare keeps downloaded archives; training never reads it")
     test_fraction: float = _f(0.2, "held-out share for datasets without an official test split",
                               lo=0.0, hi=0.9, lo_open=True)
+    train_size: int = _f(0, "low-data runs: keep this many training samples (stratified, seeded); 0 = all", lo=0)
+    fraction: float = _f(1.0, "low-data runs: keep this share of the training samples (stratified, "
+                         "seeded); 1 = all", lo=0.0, hi=1.0, lo_open=True)
+
+    def __post_init__(self) -> None:
+        if self.train_size and self.fraction < 1.0:
+            raise ConfigError("data.train_size and data.fraction both ask for a subset; set only one "
+                              "(train_size: 0 or fraction: 1.0 means all)")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    max_class_ratio: float = _f(2.0, "per split, the largest class may have at most this many times the "
+                                "samples of the smallest (MNIST's is 1.24); more fails prepare", lo=1.0)
 
 
 @dataclass(frozen=True)
@@ -187,6 +201,7 @@ class TuneConfig:
 class Params:
     seed: int = _f(0, "seeds torch, numpy and data splits", lo=0, hi=2**32 - 1)  # numpy's seed range
     data: DataConfig = field(default_factory=DataConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

