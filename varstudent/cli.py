@@ -41,9 +41,13 @@ def _load(params_file: Path, overrides: list[str] | None):
 
 
 def _call(name: str, params, out: Path, tracker=None) -> dict[str, Any]:
+    return call_stage(name, params, stage_dirs(out), tracker)
+
+
+def call_stage(name: str, params, d: dict[str, Path], tracker=None) -> dict[str, Any]:
+    """Run one stage (tracked) with its folders given by name; the KFP components call this too."""
     from varstudent import stages
 
-    d = stage_dirs(out)
     calls: dict[str, Callable[[], dict[str, Any]]] = {
         "prepare": lambda: stages.prepare(params, d["prepare"]),
         "teacher": lambda: stages.teacher(params, d["prepare"], d["teacher"]),
@@ -60,8 +64,7 @@ def _call(name: str, params, out: Path, tracker=None) -> dict[str, Any]:
     with tracker.stage(name) as logged:
         metrics = calls[name]()
         logged.update(metrics)
-    logging.getLogger("varstudent").info("%s done in %.1f s -> %s", name, time.perf_counter() - started,
-                                         stage_dirs(out)[name])
+    logging.getLogger("varstudent").info("%s done in %.1f s -> %s", name, time.perf_counter() - started, d[name])
     return metrics
 
 
@@ -149,6 +152,11 @@ def summary_table(m: dict[str, Any]) -> str:
                  f"{m['compact_speedup_vs_teacher_b256']:.1f}x the teacher's throughput at batch 256 "
                  f"({m['threads']} threads)")
     return "\n".join(lines)
+
+
+from varstudent.cli_pipeline import app as pipeline_app  # noqa: E402
+
+app.add_typer(pipeline_app, name="pipeline")
 
 
 def main() -> None:
