@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import sys
 import time
 import warnings
@@ -67,7 +68,8 @@ class _ErrorLines(io.TextIOBase):
     def write(self, text: str) -> int:
         self.target.write(text)
         *lines, self._partial = (self._partial + text).split("\n")
-        self.error_lines += [line for line in lines if line.startswith("varstudent: error:")]
+        # kfp.local indents a task's output
+        self.error_lines += [line.strip() for line in lines if line.strip().startswith("varstudent: error:")]
         return len(text)
 
     def flush(self) -> None:
@@ -94,7 +96,8 @@ def run_local(params, root: Path) -> dict[str, Any]:
         except RuntimeError as exc:
             if tee.error_lines:
                 raise StageFailed(tee.error_lines[-1].removeprefix("varstudent: error: ")) from None
-            raise StageFailed(f"the local pipeline run failed: {str(exc).splitlines()[0]}") from None
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0])  # kfp.local colours its messages
+            raise StageFailed(f"the local pipeline run failed: {plain}") from None
     metrics_artifact = result.outputs["Output"] if hasattr(result, "outputs") else result
     # kfp.local lays out ROOT/<run>/<task>/<output name>: evaluate's folder is next to its metrics
     return read_json(Path(metrics_artifact.path).parent / "evaluate" / "metrics.json", "evaluate metrics")
