@@ -59,24 +59,28 @@ def compile_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt,
     typer.echo(f"compiled {path}")
 
 
-class _ErrorLines(io.TextIOBase):
-    """Passes a task's log through and keeps its `varstudent: error:` lines (kfp.local prints task output)."""
+class _TaskLog(io.TextIOBase):
+    """kfp.local prints each task's output here: keep its `varstudent: error:` lines, and pass through the
+    stage's log lines (all lines when verbose; the executor's JSON dumps otherwise drown them)."""
 
-    def __init__(self, target) -> None:
-        self.target, self.error_lines, self._partial = target, [], ""
+    def __init__(self, target, verbose: bool) -> None:
+        self.target, self.verbose, self.error_lines, self._partial = target, verbose, [], ""
 
     def write(self, text: str) -> int:
-        self.target.write(text)
         *lines, self._partial = (self._partial + text).split("\n")
-        # kfp.local indents a task's output
-        self.error_lines += [line.strip() for line in lines if line.strip().startswith("varstudent: error:")]
+        for line in lines:
+            plain = line.strip()  # kfp.local indents a task's output
+            if plain.startswith("varstudent: error:"):
+                self.error_lines.append(plain)
+            if self.verbose or plain.startswith(("varstudent:", "[KFP Executor")):
+                self.target.write(line + "\n")
         return len(text)
 
     def flush(self) -> None:
         self.target.flush()
 
 
-def run_local(params, root: Path) -> dict[str, Any]:
+def run_local(params, root: Path, verbose: bool = False) -> dict[str, Any]:
     """Run the whole DAG through kfp.local in this Python environment (offline; nothing installed) and
     return the evaluate stage's metrics.json. Outputs: ROOT/<run>/<task>/<output>."""
     from kfp import local
@@ -88,7 +92,7 @@ def run_local(params, root: Path) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     pipeline = build_pipeline(params)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    tee = _ErrorLines(sys.stdout)
+    tee = _TaskLog(sys.stdout, verbose)
     with warnings.catch_warnings(), contextlib.redirect_stdout(tee):
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # it is our Python image
         try:
@@ -98,7 +102,7 @@ def run_local(params, root: Path) -> dict[str, Any]:
                 raise StageFailed(tee.error_lines[-1].removeprefix("varstudent: error: ")) from None
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0])  # kfp.local colours its messages
             raise StageFailed(f"the local pipeline run failed: {plain}") from None
-    metrics_artifact = result.outputs["Output"] if hasattr(result, "outputs") else result
+    metrics_artifact = result.output  # the pipeline's one output: evaluate's Metrics
     # kfp.local lays out ROOT/<run>/<task>/<output name>: evaluate's folder is next to its metrics
     return read_json(Path(metrics_artifact.path).parent / "evaluate" / "metrics.json", "evaluate metrics")
 
@@ -106,8 +110,9 @@ def run_local(params, root: Path) -> dict[str, Any]:
 @app.command("run")
 def run_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt,
                 local_: bool = typer.Option(False, "--local", help="run through kfp.local in this environment"),
-                root: Path | None = typer.Option(None, "--root", help="local pipeline root (default kfp.pipeline_root)")
-                ) -> None:
+                root: Path | None = typer.Option(None, "--root", help="local pipeline root "
+                                                  "(default kfp.pipeline_root)"),
+                verbose: bool = typer.Option(False, "--verbose", help="show every line the tasks print")) -> None:
     """Run the pipeline locally (--local) and print the evaluate summary."""
     if not local_:
         raise ConfigError("`pipeline run` needs --local; use `varstudent pipeline submit --host URL` for a cluster")
@@ -115,7 +120,7 @@ def run_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt,
 
     settings = _load(params, set_)
     started = time.perf_counter()
-    metrics = run_local(settings, root or Path(settings.kfp.pipeline_root))
+    metrics = run_local(settings, root or Path(settings.kfp.pipeline_root), verbose)
     typer.echo(summary_table(metrics))
     typer.echo(f"total {time.perf_counter() - started:.0f} s; outputs under {root or settings.kfp.pipeline_root}")
 
