@@ -143,8 +143,8 @@ def _metrics_artifact(root: Path) -> dict:
 @pytest.mark.slow
 def test_local_run_matches_the_cli_numbers(tmp_path: Path) -> None:
     env = {"OMP_NUM_THREADS": "1"}  # same threads for both: the same floating-point sums
-    local = cli("pipeline", "run", "--local", *_sets(TINY), "--root", str(tmp_path / "root"), cwd=tmp_path,
-                env=env)
+    local = cli("pipeline", "run", "--local", *_sets(TINY), "--root", str(tmp_path / "root"), "--out",
+                str(tmp_path / "published"), cwd=tmp_path, env=env)
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
     assert "compact student" in local.stdout and "compression:" in local.stdout  # the evaluate summary
     direct = cli("run", *_sets(TINY), "--out", str(tmp_path / "direct"), cwd=tmp_path, env=env)
@@ -157,6 +157,10 @@ def test_local_run_matches_the_cli_numbers(tmp_path: Path) -> None:
     run = next((tmp_path / "root").iterdir())
     assert (run / "evaluate" / "report").read_text().startswith("#")  # the Markdown report artifact
     assert (run / "prune" / "prune" / "sparse.json").is_file()  # every export travels in the prune Model
+    # and the stage folders are published in `varstudent run`'s layout
+    published = json.loads((tmp_path / "published/evaluate/metrics.json").read_text())
+    assert published["compact_accuracy"] == expected["compact_accuracy"]
+    assert sorted(p.name for p in (tmp_path / "published").iterdir()) == sorted(s.name for s in STAGES)
 
 
 @pytest.mark.slow

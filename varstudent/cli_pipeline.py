@@ -13,7 +13,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -80,13 +79,12 @@ class _TaskLog(io.TextIOBase):
         self.target.flush()
 
 
-def run_local(params, root: Path, verbose: bool = False) -> dict[str, Any]:
+def run_local(params, root: Path, verbose: bool = False) -> Path:
     """Run the whole DAG through kfp.local in this Python environment (offline; nothing installed) and
-    return the evaluate stage's metrics.json. Outputs: ROOT/<run>/<task>/<output>."""
+    return the run's folder, ROOT/<run>/, which holds <task>/<output name> for every task."""
     from kfp import local
 
     from pipelines.training import build_pipeline
-    from varstudent.artifacts import read_json
 
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -102,9 +100,23 @@ def run_local(params, root: Path, verbose: bool = False) -> dict[str, Any]:
                 raise StageFailed(tee.error_lines[-1].removeprefix("varstudent: error: ")) from None
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0])  # kfp.local colours its messages
             raise StageFailed(f"the local pipeline run failed: {plain}") from None
-    metrics_artifact = result.output  # the pipeline's one output: evaluate's Metrics
-    # kfp.local lays out ROOT/<run>/<task>/<output name>: evaluate's folder is next to its metrics
-    return read_json(Path(metrics_artifact.path).parent / "evaluate" / "metrics.json", "evaluate metrics")
+    return Path(result.output.path).parents[1]  # the pipeline's output is ROOT/<run>/evaluate/metrics
+
+
+def publish(run_dir: Path, out: Path) -> dict[str, Path]:
+    """Copy each stage's output folder of a local run to OUT/<stage>/, the layout `varstudent run`, dvc.yaml
+    and the README use (a stage's previous folder there is replaced)."""
+    import shutil
+
+    from components import STAGES
+
+    published = {}
+    for spec in STAGES:
+        target = out / spec.name
+        if target.exists():
+            shutil.rmtree(target)
+        published[spec.name] = Path(shutil.copytree(run_dir / spec.name / spec.name, target))
+    return published
 
 
 @app.command("run")
@@ -112,17 +124,22 @@ def run_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt,
                 local_: bool = typer.Option(False, "--local", help="run through kfp.local in this environment"),
                 root: Path | None = typer.Option(None, "--root", help="local pipeline root "
                                                   "(default kfp.pipeline_root)"),
-                verbose: bool = typer.Option(False, "--verbose", help="show every line the tasks print")) -> None:
+                verbose: bool = typer.Option(False, "--verbose", help="show every line the tasks print"),
+                out: Path = typer.Option(Path("artifacts"), "--out", help="each stage's outputs are copied to "
+                                         "OUT/<stage>/ as `varstudent run` writes them")) -> None:
     """Run the pipeline locally (--local) and print the evaluate summary."""
     if not local_:
         raise ConfigError("`pipeline run` needs --local; use `varstudent pipeline submit --host URL` for a cluster")
+    from varstudent.artifacts import read_json
     from varstudent.cli import summary_table
 
     settings = _load(params, set_)
     started = time.perf_counter()
-    metrics = run_local(settings, root or Path(settings.kfp.pipeline_root), verbose)
-    typer.echo(summary_table(metrics))
-    typer.echo(f"total {time.perf_counter() - started:.0f} s; outputs under {root or settings.kfp.pipeline_root}")
+    run_dir = run_local(settings, root or Path(settings.kfp.pipeline_root), verbose)
+    folders = publish(run_dir, out)
+    typer.echo(summary_table(read_json(folders["evaluate"] / "metrics.json", "evaluate metrics")))
+    typer.echo(f"total {time.perf_counter() - started:.0f} s; report: {folders['evaluate'] / 'report.md'}; "
+               f"the run's artifacts: {run_dir}")
 
 
 def _client(host: str):
