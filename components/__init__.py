@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from components import stages as bodies
 
-ALWAYS = ("seed", "runtime", "tracking")  # every stage: seeding, device, its MLflow run
+ALWAYS = ("seed", "runtime", "tracking", "services")  # every stage: seeding, device, its MLflow run
 
 
 @dataclass(frozen=True)
@@ -21,13 +21,13 @@ class StageSpec:
     name: str
     body: Callable
     inputs: tuple[str, ...]  # upstream stages; their output artifacts are this component's inputs
-    sections: tuple[str, ...]  # params sections this stage reads (plus ALWAYS)
+    sections: tuple[str, ...]  # params sections this stage reads (plus ALWAYS); `train` (checkpoints) is CLI-only
     training: bool = False  # requests an accelerator, tolerates the GPU taint, retried
     cache: bool = False
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("prepare", bodies.prepare, (), ("data",), cache=True),
+    StageSpec("prepare", bodies.prepare, (), ("data", "validate"), cache=True),
     StageSpec("teacher", bodies.teacher, ("prepare",), ("data", "teacher"), training=True, cache=True),
     StageSpec("distill", bodies.distill, ("prepare", "teacher"), ("data", "teacher", "student", "distill", "prune"),
               training=True),

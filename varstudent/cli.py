@@ -16,10 +16,13 @@ from typing import Any
 
 import typer
 
+from varstudent.cli_data import data_app
 from varstudent.errors import VarstudentError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil a teacher network into a sparse variational student, prune and evaluate it.")
+
+app.add_typer(data_app, name="data")
 
 STAGES = ("prepare", "teacher", "distill", "prune", "evaluate")
 
@@ -41,28 +44,36 @@ def _load(params_file: Path, overrides: list[str] | None):
 
 
 def _call(name: str, params, out: Path, tracker=None) -> dict[str, Any]:
-    return call_stage(name, params, stage_dirs(out), tracker)
+    return call_stage(name, params, stage_dirs(out), tracker, out)
 
 
-def call_stage(name: str, params, d: dict[str, Path], tracker=None) -> dict[str, Any]:
-    """Run one stage (tracked) with its folders given by name; the KFP components call this too."""
+def call_stage(name: str, params, d: dict[str, Path], tracker=None, out: Path | None = None) -> dict[str, Any]:
+    """Run one stage (tracked) with its folders given by name. With `out` (the CLI's artifacts root) it holds
+    OUT's lock, stages its outputs and checkpoints into OUT/checkpoints/; a KFP component passes its own
+    artifact folders and no `out` (each task's folders are its own; KFP retries rerun a task from scratch)."""
+    import contextlib
+
     from varstudent import stages
+    from varstudent.outputs import out_lock, staged
 
-    calls: dict[str, Callable[[], dict[str, Any]]] = {
-        "prepare": lambda: stages.prepare(params, d["prepare"]),
-        "teacher": lambda: stages.teacher(params, d["prepare"], d["teacher"]),
-        "distill": lambda: stages.distill(params, d["prepare"], d["teacher"], d["distill"]),
-        "prune": lambda: stages.prune(params, d["prepare"], d["distill"], d["prune"]),
-        "evaluate": lambda: stages.evaluate(params, d["prepare"], d["teacher"], d["distill"], d["prune"],
-                                            d["evaluate"]),
+    ckpt = out / "checkpoints" if out is not None else None
+    # each stage writes into a staging folder (`to`) that replaces OUT/<stage>/ only once it succeeded
+    calls: dict[str, Callable[[Path], dict[str, Any]]] = {
+        "prepare": lambda to: stages.prepare(params, to),
+        "teacher": lambda to: stages.teacher(params, d["prepare"], to, ckpt / "teacher" if ckpt else None),
+        "distill": lambda to: stages.distill(params, d["prepare"], d["teacher"], to,
+                                             ckpt / "distill" if ckpt else None),
+        "prune": lambda to: stages.prune(params, d["prepare"], d["distill"], to),
+        "evaluate": lambda to: stages.evaluate(params, d["prepare"], d["teacher"], d["distill"], d["prune"], to),
     }
     if tracker is None:
         from varstudent.tracking import Tracker
 
         tracker = Tracker(params)
     started = time.perf_counter()
-    with tracker.stage(name) as logged:
-        metrics = calls[name]()
+    with out_lock(out) if out else contextlib.nullcontext(), tracker.stage(name) as logged:
+        with staged(d[name]) if out else contextlib.nullcontext(d[name]) as to:
+            metrics = calls[name](to)
         logged.update(metrics)
     logging.getLogger("varstudent").info("%s done in %.1f s -> %s", name, time.perf_counter() - started, d[name])
     return metrics
@@ -94,8 +105,11 @@ def run(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, out: Path = O
     tracker = Tracker(settings)
     started = time.perf_counter()
     metrics: dict[str, Any] = {}
-    for name in STAGES:
-        metrics = _call(name, settings, out, tracker)
+    from varstudent.outputs import out_lock
+
+    with out_lock(out):  # one lock for all five stages: no other run mixes its outputs into this one's
+        for name in STAGES:
+            metrics = _call(name, settings, out, tracker)
     typer.echo(summary_table(metrics))
     typer.echo(f"total {time.perf_counter() - started:.0f} s; report: {stage_dirs(out)['evaluate'] / 'report.md'}")
 

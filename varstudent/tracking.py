@@ -36,6 +36,11 @@ class Tracker:
         if not self.enabled:
             return
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from varstudent.services import bound_mlflow_http, check_service, redact
+
+        bound_mlflow_http(params.services.retries, params.services.timeout_s)
+        check_service(params.tracking.uri, "MLflow tracking store", params.services.retries,
+                      params.services.timeout_s)
         import mlflow
 
         self.mlflow = mlflow
@@ -43,7 +48,7 @@ class Tracker:
             mlflow.set_tracking_uri(params.tracking.uri)
             mlflow.set_experiment(params.tracking.experiment)
         except Exception as exc:  # mlflow raises many kinds for a bad store; the user needs the URI
-            raise ServiceError(f"MLflow tracking store {params.tracking.uri} is not usable: "
+            raise ServiceError(f"MLflow tracking store {redact(params.tracking.uri)} is not usable: "
                                f"{str(exc).splitlines()[0][:200]}") from None
 
     @contextmanager
@@ -53,10 +58,32 @@ class Tracker:
         if not self.enabled:
             yield metrics
             return
-        with self.mlflow.start_run(run_name=name):
+        with self._service(f"could not start the {name} run"):
+            self.mlflow.start_run(run_name=name)
             self.mlflow.set_tags({"varstudent.stage": name, "varstudent.params_digest": self.params.digest()})
             self.mlflow.log_params(_flatten(self.params, STAGE_SECTIONS[name]))
+        try:
             yield metrics
-            numeric = {k: float(v) for k, v in metrics.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        except BaseException:
+            try:  # the stage's own error is the one to report; a dead server must not hide it
+                self.mlflow.end_run("FAILED")
+            except Exception:
+                pass
+            raise
+        numeric = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        with self._service(f"could not log the {name} metrics (the stage's outputs are complete)"):
             self.mlflow.log_metrics(numeric)
+            self.mlflow.end_run()
+
+    @contextmanager
+    def _service(self, what: str) -> Iterator[None]:
+        """A server that dies mid-run is one clear line, not a traceback from inside MLflow."""
+        from varstudent.services import redact
+
+        try:
+            yield
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            raise ServiceError(f"MLflow tracking store {redact(self.params.tracking.uri)}: {what}: "
+                               f"{(text[0] if text else type(exc).__name__)[:200]}") from None
