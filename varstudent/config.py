@@ -70,6 +70,7 @@ class TeacherConfig:
     lr: float = _f(1e-3, "Adam learning rate", lo=0.0, hi=1.0, lo_open=True)
     lr_decay_start: float = _f(0.5, "fraction of `epochs` after which lr decays linearly to 0 (1 = never)",
                                lo=0.0, hi=1.0)
+    nproc: int = _f(1, "processes for data-parallel training (torchrun + DDP; gloo on CPU, nccl on GPU)", lo=1)
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,20 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class KfpConfig:
+    """How the Kubeflow pipeline is built (compile time; not pipeline parameters)."""
+    image: str = _f("ghcr.io/varstudent/varstudent:0.1.0-cpu", "the project image every component runs in "
+                    "(infra/Dockerfile.cpu or .cuda, pushed where the cluster can pull it)")
+    accelerator_type: str = _f("nvidia.com/gpu", "accelerator resource the training tasks request")
+    accelerator_count: int = _f(1, "accelerators per training task; 0 = none (CPU-only cluster)", lo=0)
+    cpu_request: str = _f("2", "CPU request of the training tasks (Kubernetes quantity)")
+    memory_request: str = _f("8Gi", "memory request of the training tasks (Kubernetes quantity)")
+    gpu_taint: str = _f("nvidia.com/gpu", "key of the NoSchedule taint on GPU nodes; training tasks tolerate it")
+    retries: int = _f(2, "retries of a failed training task (preempted or flaky nodes)", lo=0, hi=10)
+    pipeline_root: str = _f("artifacts/kfp", "where `pipeline run --local` keeps every task's outputs")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = _f(0, "seeds torch, numpy and data splits", lo=0, hi=2**32 - 1)  # numpy's seed range
     data: DataConfig = field(default_factory=DataConfig)
@@ -213,6 +228,8 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     services: ServicesConfig = field(default_factory=ServicesConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+
+    kfp: KfpConfig = field(default_factory=KfpConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts and lists (tuples become lists), as YAML, JSON and MLflow want them."""

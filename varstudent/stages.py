@@ -109,8 +109,12 @@ def _data(data_dir: Path, device: torch.device):
 
 
 def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path | None = None) -> dict[str, Any]:
-    """Train the dense teacher with cross-entropy; resumable from `checkpoint_dir`."""
+    """Train the dense teacher with cross-entropy; resumable from `checkpoint_dir` (one process only)."""
+    from varstudent import distributed
+
     cfg, device = params.teacher, resolve_device(params.runtime.device)
+    if cfg.nproc > 1 and not distributed.is_worker():
+        return distributed.launch_teacher(params, data_dir, out_dir)
     seed_everything(params.seed, params.runtime.deterministic)
     data, x, y = _data(data_dir, device)
     spec = build_spec(cfg.arch, data.input_shape, data.num_classes, cfg.width, variational=False)
