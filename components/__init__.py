@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from components import stages as bodies
+from components import tuning as tuning_bodies
 
 ALWAYS = ("seed", "runtime", "tracking", "services")  # every stage: seeding, device, its MLflow run
 
@@ -44,3 +45,14 @@ def build_components(image: str) -> dict[str, Callable]:
     from kfp import dsl
 
     return {spec.name: dsl.component(spec.body, base_image=image, install_kfp_package=False) for spec in STAGES}
+
+
+# the tuning pipeline's own steps: study workers (each reads the stages' sections plus `tune`) and the pick
+TUNING_SECTIONS = ("data", "teacher", "student", "distill", "prune", "export", "tune")
+
+
+def build_tuning_components(image: str) -> dict[str, Callable]:
+    from kfp import dsl
+
+    return {body.__name__: dsl.component(body, base_image=image, install_kfp_package=False)
+            for body in (tuning_bodies.tune_worker, tuning_bodies.tune_pick)}

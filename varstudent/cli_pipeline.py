@@ -28,6 +28,8 @@ OutOpt = typer.Option(Path("artifacts"), "--out", help="artifacts root; the comp
 HostOpt = typer.Option(..., "--host", help="KFP API endpoint, e.g. http://localhost:8080 (port-forwarded "
                        "ml-pipeline-ui)")
 ExperimentOpt = typer.Option("varstudent", "--experiment", help="KFP experiment the runs are filed under")
+PipelineOpt = typer.Option("training", "--pipeline", help="training (the five stages) or tuning (an Optuna "
+                           "study on kfp.tune_workers parallel workers, then the chosen trade-off trained)")
 AccountOpt = typer.Option("varstudent-pipeline", "--service-account",
                           help="Kubernetes service account of the run's pods (infra/ creates this one)")
 
@@ -42,19 +44,35 @@ class StageFailed(VarstudentError):
     """A pipeline task failed; the message is the stage's own error line."""
 
 
-def default_package(out: Path) -> Path:
-    return out / "kfp" / "varstudent-training.yaml"
+PIPELINES = ("training", "tuning")
+
+
+def _builder(pipeline: str):
+    """The function that builds the named pipeline."""
+    if pipeline == "training":
+        from pipelines.training import build_pipeline
+
+        return build_pipeline
+    if pipeline == "tuning":
+        from pipelines.tuning import build_tuning_pipeline
+
+        return build_tuning_pipeline
+    raise ConfigError(f"--pipeline {pipeline!r}: expected one of {', '.join(PIPELINES)}")
+
+
+def default_package(out: Path, pipeline: str = "training") -> Path:
+    return out / "kfp" / f"varstudent-{pipeline}.yaml"
 
 
 @app.command("compile")
 def compile_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt,
                     output: Path | None = typer.Option(None, "--output", help="IR YAML to write "
                                                        "(default OUT/kfp/varstudent-training.yaml)"),
-                    out: Path = OutOpt) -> None:
+                    out: Path = OutOpt, pipeline: str = PipelineOpt) -> None:
     """Write the pipeline's IR YAML; every stage setting is a parameter defaulting to params.yaml."""
     from pipelines.training import compile_pipeline
 
-    path = compile_pipeline(_load(params, set_), output or default_package(out))
+    path = compile_pipeline(_load(params, set_), output or default_package(out, pipeline), _builder(pipeline))
     typer.echo(f"compiled {path}")
 
 
@@ -79,16 +97,26 @@ class _TaskLog(io.TextIOBase):
         self.target.flush()
 
 
-def run_local(params, root: Path, verbose: bool = False) -> Path:
+def local_study_storage(params, root: Path):
+    """A local tuning run's workers share a sqlite file in the pipeline root when tune.storage is `auto`."""
+    import dataclasses
+
+    if params.tune.storage != "auto":
+        return params
+    url = f"sqlite:///{root.resolve() / ('study-' + re.sub(r'[^A-Za-z0-9_.-]', '_', params.tune.study_name))}.db"
+    return dataclasses.replace(params, tune=dataclasses.replace(params.tune, storage=url))
+
+
+def run_local(params, root: Path, verbose: bool = False, pipeline_name: str = "training") -> Path:
     """Run the whole DAG through kfp.local in this Python environment (offline; nothing installed) and
     return the run's folder, ROOT/<run>/, which holds <task>/<output name> for every task."""
     from kfp import local
 
-    from pipelines.training import build_pipeline
-
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    pipeline = build_pipeline(params)
+    if pipeline_name == "tuning":
+        params = local_study_storage(params, root)
+    pipeline = _builder(pipeline_name)(params)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     tee = _TaskLog(sys.stdout, verbose)
     with warnings.catch_warnings(), contextlib.redirect_stdout(tee):
@@ -126,7 +154,8 @@ def run_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt,
                                                   "(default kfp.pipeline_root)"),
                 verbose: bool = typer.Option(False, "--verbose", help="show every line the tasks print"),
                 out: Path = typer.Option(Path("artifacts"), "--out", help="each stage's outputs are copied to "
-                                         "OUT/<stage>/ as `varstudent run` writes them")) -> None:
+                                         "OUT/<stage>/ as `varstudent run` writes them"),
+                pipeline: str = PipelineOpt) -> None:
     """Run the pipeline locally (--local) and print the evaluate summary."""
     if not local_:
         raise ConfigError("`pipeline run` needs --local; use `varstudent pipeline submit --host URL` for a cluster")
@@ -135,9 +164,11 @@ def run_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt,
 
     settings = _load(params, set_)
     started = time.perf_counter()
-    run_dir = run_local(settings, root or Path(settings.kfp.pipeline_root), verbose)
+    run_dir = run_local(settings, root or Path(settings.kfp.pipeline_root), verbose, pipeline)
     folders = publish(run_dir, out)
     typer.echo(summary_table(read_json(folders["evaluate"] / "metrics.json", "evaluate metrics")))
+    if pipeline == "tuning":
+        typer.echo(f"the chosen trial's settings: {run_dir / 'tune-pick' / 'chosen' / 'best_params.yaml'}")
     typer.echo(f"total {time.perf_counter() - started:.0f} s; report: {folders['evaluate'] / 'report.md'}; "
                f"the run's artifacts: {run_dir}")
 
@@ -151,20 +182,20 @@ def _client(host: str):
         raise ServiceError(f"cannot reach the KFP endpoint {host}: {str(exc).splitlines()[0][:200]}") from None
 
 
-def _package(params, out: Path) -> Path:
+def _package(params, out: Path, pipeline: str = "training") -> Path:
     from pipelines.training import compile_pipeline
 
-    return compile_pipeline(params, default_package(out))
+    return compile_pipeline(params, default_package(out, pipeline), _builder(pipeline))
 
 
 @app.command("submit")
 def submit_command(host: str = HostOpt, params: Path = ParamsOpt, set_: list[str] | None = SetOpt,
                    experiment: str = ExperimentOpt,
                    run_name: str | None = typer.Option(None, "--run-name", help="default varstudent-<UTC time>"),
-                   service_account: str = AccountOpt, out: Path = OutOpt) -> None:
+                   service_account: str = AccountOpt, out: Path = OutOpt, pipeline: str = PipelineOpt) -> None:
     """Compile and start one run on a Kubeflow Pipelines cluster."""
     settings = _load(params, set_)
-    package = _package(settings, out)
+    package = _package(settings, out, pipeline)
     name = run_name or time.strftime("varstudent-%Y%m%d-%H%M%S", time.gmtime())
     try:
         result = _client(host).create_run_from_pipeline_package(

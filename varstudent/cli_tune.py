@@ -98,6 +98,49 @@ class _Session:
         return {"rows": rows, "front": front}
 
 
+def _work_here(session: _Session, teacher_dir: Path, max_trials: int | None = None) -> int:
+    """This process takes trials of the session's study; returns how many it ran."""
+    from varstudent import tune as tuning
+
+    logging.getLogger("varstudent.train").setLevel(logging.WARNING)
+    callbacks = [session.log_trial] if session.tracker else []
+    ran = tuning.work(session.study, session.params, session.out, teacher_dir, callbacks, max_trials)
+    log.info("worker %s ran %d trials", tuning.worker_name(), ran)
+    return ran
+
+
+def run_worker(settings, out: Path, prepared: Path, teacher: Path, worker_index: int, max_trials: int) -> int:
+    """One worker of a study on given prepared data and teacher (a tune_worker task of the tuning pipeline):
+    the same worker as `varstudent tune --teacher DIR --worker-index I`, taking at most `max_trials`."""
+    from varstudent import tune as tuning
+
+    session = _Session(settings, out, worker_index)
+    return _work_here(session, tuning.prepare_study_inputs(settings, out, teacher, prepared), max_trials)
+
+
+def write_best(settings, out: Path, max_accuracy_drop: float, to: Path) -> tuple[dict[str, Any], Any]:
+    """Pick the trade-off trial of the study and write its settings to `to` as a params file; returns the
+    trial's row and its Params (`tune best`, and the tune_pick task of the tuning pipeline)."""
+    import yaml
+
+    from varstudent import tune
+    from varstudent.fileio import atomic_write_bytes
+
+    session = _Session(dataclasses.replace(settings, tracking=dataclasses.replace(settings.tracking,
+                                                                                   enabled=False)), out)
+    rows = tune.trial_rows(session.study)
+    chosen = tune.choose_tradeoff(rows, tune.pareto_numbers(session.study), max_accuracy_drop)
+    best = tune.params_for_trial(settings, chosen)
+    header = (f"# written by `varstudent tune best` from study {settings.tune.study_name!r}, trial "
+              f"{chosen['number']}: validation accuracy {100 * chosen['val_accuracy']:.2f}%, compression "
+              f"{chosen['compression']:.1f}x (max accuracy drop {max_accuracy_drop} points)\n")
+    to.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(to, (header + yaml.safe_dump(best.to_dict(), sort_keys=False)).encode())
+    typer.echo(f"trial {chosen['number']}: validation accuracy {100 * chosen['val_accuracy']:.2f}%, "
+               f"compression {chosen['compression']:.1f}x -> {to}")
+    return chosen, best
+
+
 def _spawn_workers(n: int, first_index: int, params_file: Path, overrides: list[str], out: Path, url: str,
                    study_name: str, teacher_dir: Path) -> list[subprocess.Popen]:
     """N child `varstudent tune` processes on this machine, the CPU cores split between them."""
@@ -134,10 +177,7 @@ def tune(ctx: typer.Context, params: Path = ParamsOpt, set_: list[str] | None = 
     session = _Session(settings, out, worker_index)  # first: a storage that is not usable fails fast
     teacher_dir = tuning.prepare_study_inputs(settings, out, teacher)
     if workers == 1:
-        logging.getLogger("varstudent.train").setLevel(logging.WARNING)
-        callbacks = [session.log_trial] if session.tracker else []
-        ran = tuning.work(session.study, settings, out, teacher_dir, callbacks)
-        log.info("worker %s ran %d trials", tuning.worker_name(), ran)
+        _work_here(session, teacher_dir)
     else:
         procs = _spawn_workers(workers, worker_index, params, list(set_ or []), out, session.url,
                                settings.tune.study_name, teacher_dir.resolve())
@@ -169,26 +209,13 @@ def report_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, ou
 @tune_app.command("best")
 def best_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, out: Path = OutOpt,
                  storage: str | None = StorageOpt, study: str | None = StudyOpt,
-                 max_accuracy_drop: float = typer.Option(0.5, "--max-accuracy-drop", min=0.0,
-                                                         help="accuracy points (%) you give up at most "
-                                                              "against the most accurate Pareto trial"),
+                 max_accuracy_drop: float | None = typer.Option(None, "--max-accuracy-drop", min=0.0,
+                                                                help="accuracy points (%) you give up at most "
+                                                                     "against the most accurate Pareto trial "
+                                                                     "(default tune.max_accuracy_drop)"),
                  to: Path = typer.Option(Path("best_params.yaml"), "--to", help="params file to write")) -> None:
     """Pick the most compressed Pareto trial within --max-accuracy-drop of the best accuracy and write
     its settings as a params file for `varstudent run --params` / `dvc exp run`."""
-    import yaml
-
-    from varstudent import tune
-    from varstudent.fileio import atomic_write_bytes
-
     settings = _settings(params, set_, storage, study)
-    session = _Session(dataclasses.replace(settings, tracking=dataclasses.replace(settings.tracking,
-                                                                                   enabled=False)), out)
-    rows = tune.trial_rows(session.study)
-    chosen = tune.choose_tradeoff(rows, tune.pareto_numbers(session.study), max_accuracy_drop)
-    best = tune.params_for_trial(settings, chosen)
-    header = (f"# written by `varstudent tune best` from study {settings.tune.study_name!r}, trial "
-              f"{chosen['number']}: validation accuracy {100 * chosen['val_accuracy']:.2f}%, compression "
-              f"{chosen['compression']:.1f}x (max accuracy drop {max_accuracy_drop} points)\n")
-    atomic_write_bytes(to, (header + yaml.safe_dump(best.to_dict(), sort_keys=False)).encode())
-    typer.echo(f"trial {chosen['number']}: validation accuracy {100 * chosen['val_accuracy']:.2f}%, "
-               f"compression {chosen['compression']:.1f}x -> {to}")
+    drop = settings.tune.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop
+    write_best(settings, out, drop, to)

@@ -187,6 +187,8 @@ class TuneConfig:
                                     allow_empty=True)
     heartbeat_interval: int = _f(10, "seconds between a running trial's heartbeats (RDB storages)", lo=1)
     grace_period: int = _f(60, "a RUNNING trial without a heartbeat this long is failed", lo=2)
+    max_accuracy_drop: float = _f(0.5, "accuracy points (%) the chosen trade-off gives up at most against the "
+                                  "most accurate Pareto trial (`tune best`, the tuning pipeline)", lo=0.0)
 
     def __post_init__(self) -> None:
         for name in self.log_scale:
@@ -210,6 +212,8 @@ class KfpConfig:
     gpu_taint: str = _f("nvidia.com/gpu", "key of the NoSchedule taint on GPU nodes; training tasks tolerate it")
     retries: int = _f(2, "retries of a failed training task (preempted or flaky nodes)", lo=0, hi=10)
     pipeline_root: str = _f("artifacts/kfp", "where `pipeline run --local` keeps every task's outputs")
+    tune_workers: int = _f(4, "parallel tune_worker tasks of the tuning pipeline (fixed when compiled)", lo=1,
+                           hi=64)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """params.yaml <-> Kubeflow pipeline parameters, derived from the config dataclasses (no kfp import here).
 
-Every setting of every section except `kfp` (how the pipeline is built) and `tune` (the study) becomes one pipeline
-parameter named `section_key` (`seed` stays `seed`) with its params.yaml value as default. Scalars keep their
-type (int, float, bool, str); list settings (`export.formats`) are JSON strings, e.g. '["compact", "onnx"]',
-because a KFP parameter substituted into a string renders lists in a backend-specific way.
+Every setting of every section except `kfp` (how the pipeline is built) and `tune` (the study; parameters of the
+tuning pipeline only) becomes one pipeline parameter named `section_key` (`seed` stays `seed`) with its
+params.yaml value as default. Scalars keep their type (int, float, bool, str); list settings (`export.formats`)
+are JSON strings, e.g. '["compact", "onnx"]', because a KFP parameter substituted into a string renders lists
+in a backend-specific way.
 
 A component receives its settings as one string of `section.key=VALUE` lines, where the pipeline fills VALUE
 from the parameters at run time; `params_from_settings` turns it back into validated Params, reading each
@@ -21,8 +22,10 @@ from typing import Any
 from varstudent.config import Params, _build
 from varstudent.errors import ConfigError
 
-# not pipeline parameters: `kfp` says how the pipeline is built, `tune` configures a study (varstudent tune)
-BUILD_SECTIONS = ("kfp", "tune")
+# never pipeline parameters: `kfp` says how the pipeline is built
+BUILD_SECTIONS = ("kfp",)
+# parameters of the tuning pipeline only: `tune` configures a study (varstudent tune)
+STUDY_SECTIONS = ("tune",)
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,13 @@ def _lookup(params: Params, key: str) -> Any:
     return value
 
 
-def pipeline_parameters(params: Params) -> list[PipelineParameter]:
-    """One parameter per setting, defaults from `params` (what params.yaml and --set gave)."""
+def pipeline_parameters(params: Params, study: bool = False) -> list[PipelineParameter]:
+    """One parameter per setting, defaults from `params` (what params.yaml and --set gave); the `tune`
+    settings only with `study` (the tuning pipeline)."""
     result = []
     for key, typ in _leaves(Params):
+        if not study and key.split(".")[0] in STUDY_SECTIONS:
+            continue
         value = _lookup(params, key)
         if typ in (int, float, bool, str):
             result.append(PipelineParameter(key.replace(".", "_"), key, typ, value))
@@ -71,6 +77,15 @@ def pipeline_parameters(params: Params) -> list[PipelineParameter]:
 def keys_of_sections(sections: tuple[str, ...]) -> list[str]:
     """The dotted keys of the given sections (`seed` is a section of its own)."""
     return [key for key, _ in _leaves(Params) if key.split(".")[0] in sections]
+
+
+def settings_lines(params: Params, sections: tuple[str, ...]) -> str:
+    """The `section.key=VALUE` lines of the given sections, as `params_from_settings` reads them back."""
+    lines = []
+    for key in keys_of_sections(sections):
+        value = _lookup(params, key)
+        lines.append(f"{key}={json.dumps(list(value)) if isinstance(value, tuple) else value}")
+    return "\n".join(lines)
 
 
 def _read_value(key: str, typ: Any, text: str) -> Any:

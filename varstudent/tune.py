@@ -98,10 +98,12 @@ def carve_validation(params: Params, prepared_dir: Path, out_dir: Path) -> dict[
     return origin
 
 
-def prepare_study_inputs(params: Params, out: Path, teacher_dir: Path | None) -> Path:
-    """Prepared data (if missing), the validation split, the teacher (trained once); returns the teacher dir."""
+def prepare_study_inputs(params: Params, out: Path, teacher_dir: Path | None,
+                         prepared: Path | None = None) -> Path:
+    """Prepared data (OUT/prepare unless given; made if missing), the validation split, the teacher (trained
+    once unless given); returns the teacher dir."""
     dirs = tune_dirs(out)
-    prepared = out / "prepare"
+    prepared = prepared or out / "prepare"
     if not (prepared / "manifest.json").is_file():
         stages.prepare(params, prepared)
     carve_validation(params, prepared, dirs["data"])
@@ -268,11 +270,13 @@ def budget_left(study: optuna.Study, n_trials: int) -> int:
 
 
 def work(study: optuna.Study, params: Params, out: Path, teacher_dir: Path,
-         callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]]) -> int:
-    """Take trials until the study's budget is used up; returns how many this process ran."""
+         callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]],
+         max_trials: int | None = None) -> int:
+    """Take trials until the study's budget is used up (or this process ran `max_trials`, its share when
+    workers may run one after another); returns how many this process ran."""
     objective = make_objective(params, out, teacher_dir)
     ran = 0
-    while budget_left(study, params.tune.n_trials) > 0:
+    while budget_left(study, params.tune.n_trials) > 0 and (max_trials is None or ran < max_trials):
         # one trial per call, so the budget is re-read before each; a stale RUNNING trial of a lost
         # worker is failed by optuna at the start of the next trial (heartbeat storages)
         study.optimize(objective, n_trials=1, catch=(TrainingError,), callbacks=callbacks,
