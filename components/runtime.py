@@ -67,14 +67,15 @@ def run_tune_worker(settings: str, worker_index: int, workers: int, prepare: Any
 
 
 def run_tune_pick(settings: str, chosen: Any, metrics: Any) -> str:
-    """`varstudent tune best` on the study: writes best_params.yaml into the `chosen` artifact and returns the
-    chosen settings as the distill task's settings lines."""
+    """`varstudent tune report` and `tune best` on the study: the Pareto report and best_params.yaml go into the
+    `chosen` artifact; returns the chosen settings as the distill task's settings lines."""
     from components import ALWAYS, STAGES
-    from varstudent.cli_tune import write_best
+    from varstudent.cli_tune import report_study, write_best
     from varstudent.pipeline_params import params_from_settings, settings_lines
 
     with _task("tune_pick"):
         params = params_from_settings(settings)
+        report_study(params, Path(chosen.path))
         row, best = write_best(params, Path(chosen.path), params.tune.max_accuracy_drop,
                                Path(chosen.path) / "best_params.yaml")
     for key in ("number", "val_accuracy", "compression"):

@@ -25,6 +25,14 @@ def check_storage(params: Params) -> None:
                           "they all reach, e.g. --set tune.storage=postgresql://user@host/optuna")
 
 
+def with_storage_password(task, secret: str) -> None:
+    """libpq (psycopg) reads the study database's password from PGPASSWORD, set here from a Secret."""
+    if secret != "none":
+        from kfp import kubernetes
+
+        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={"password": "PGPASSWORD"})
+
+
 def build_tuning_pipeline(params: Params):
     """The tuning pipeline as a KFP GraphComponent; parameter defaults and task settings come from `params`."""
     from kfp import dsl
@@ -50,9 +58,11 @@ def build_tuning_pipeline(params: Params):
             worker.set_display_name("tune_worker")
             worker.set_caching_options(False)  # the study lives in the storage, not in the task's inputs
             request_training_resources(worker, run_cfg)
+            with_storage_password(worker, run_cfg.storage_secret)
         pick = components["tune_pick"](settings=study_settings, trials_run=dsl.Collected(worker.outputs["Output"]))
         pick.set_display_name("tune_pick")
         pick.set_caching_options(False)
+        with_storage_password(pick, run_cfg.storage_secret)
         for spec in STAGES:
             if spec.name not in UPSTREAM:
                 # distill trains the chosen trial's settings; the later stages read only their own sections

@@ -22,7 +22,8 @@ PG_URL = "postgresql://optuna@db.cluster.local/optuna"
 def ir(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("ir")
     result = cli("pipeline", "compile", "--pipeline", "tuning", "--params", str(REPO / "params.yaml"),
-                 "--set", f"tune.storage={PG_URL}", "--set", "kfp.tune_workers=3", "--output",
+                 "--set", f"tune.storage={PG_URL}", "--set", "kfp.tune_workers=3",
+                 "--set", "kfp.storage_secret=optuna-db", "--output",
                  str(out / "t.yaml"), cwd=out)
     assert result.returncode == 0, result.stderr
     return _read_ir(out / "t.yaml")
@@ -65,6 +66,13 @@ def test_ir_workers_request_the_accelerator_and_take_the_study_settings(ir: dict
     platform = ir["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert platform["exec-tune-worker"]["tolerations"] == \
         [{"key": kfp.gpu_taint, "operator": "Exists", "effect": "NoSchedule"}]
+    # the study database's password comes from a Secret, into the tasks that open the study and no others
+    with_secret = {name.removeprefix("exec-"): spec["secretAsEnv"] for name, spec in platform.items()
+                   if "secretAsEnv" in spec}
+    assert set(with_secret) == {"tune-worker", "tune-pick"}
+    assert all(env[0]["secretName"] == "optuna-db" and env[0]["keyToEnv"] == [{"envVar": "PGPASSWORD",
+                                                                              "secretKey": "password"}]
+               for env in with_secret.values())
     declared = ir["root"]["inputDefinitions"]["parameters"]
     assert declared["tune_storage"]["defaultValue"] == PG_URL
     assert declared["tune_max_accuracy_drop"]["defaultValue"] == 0.5
@@ -112,6 +120,8 @@ def test_local_run_shares_one_study_and_trains_the_picked_trial(tmp_path: Path) 
     expected = tune.choose_tradeoff(rows, tune.pareto_numbers(study), 0.5)
     pick_metrics = json.loads((run / "tune-pick" / "executor_output.json").read_text())
     assert pick_metrics["artifacts"]["metrics"]["artifacts"][0]["metadata"]["trial_number"] == expected["number"]
+    report = next(run.glob("tune-pick/chosen/tune/studies/*/report"))  # the Pareto report travels too
+    assert {"pareto.png", "pareto.html", "trials.csv"} <= {p.name for p in report.iterdir()}
     best_file = run / "tune-pick" / "chosen" / "best_params.yaml"
     chosen = yaml.safe_load(best_file.read_text())["distill"]
     picked_trial = study.trials[expected["number"]]

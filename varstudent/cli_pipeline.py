@@ -213,12 +213,12 @@ def schedule_command(host: str = HostOpt,
                                               "= Mondays 03:00"),
                      params: Path = ParamsOpt, set_: list[str] | None = SetOpt, experiment: str = ExperimentOpt,
                      job_name: str = typer.Option("varstudent-retraining", "--job-name"),
-                     service_account: str = AccountOpt, out: Path = OutOpt) -> None:
+                     service_account: str = AccountOpt, out: Path = OutOpt, pipeline: str = PipelineOpt) -> None:
     """A recurring run for scheduled retraining: at most one at a time, no catch-up of missed runs."""
     if len(cron.split()) != 6:
         raise ConfigError(f"--cron {cron!r}: KFP expects 6 fields (second minute hour day month weekday)")
     settings = _load(params, set_)
-    package = _package(settings, out)
+    package = _package(settings, out, pipeline)
     client = _client(host)
     try:
         experiment_id = client.create_experiment(name=experiment).experiment_id

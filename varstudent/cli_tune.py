@@ -203,7 +203,13 @@ def tune(ctx: typer.Context, params: Path = ParamsOpt, set_: list[str] | None = 
 def report_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, out: Path = OutOpt,
                    storage: str | None = StorageOpt, study: str | None = StudyOpt) -> None:
     """Redraw the Pareto front (PNG, HTML), its table and trials.csv from the study's storage."""
-    _Session(_settings(params, set_, storage, study), out).report()
+    report_study(_settings(params, set_, storage, study), out)
+
+
+def report_study(settings, out: Path) -> dict[str, Any]:
+    """The study's Pareto report under OUT/tune/studies/S/report/, logged to its MLflow run (ended once the
+    budget is used): `tune report`, and the tune_pick task of the tuning pipeline."""
+    return _Session(settings, out).report()
 
 
 @tune_app.command("best")

@@ -214,6 +214,8 @@ class KfpConfig:
     pipeline_root: str = _f("artifacts/kfp", "where `pipeline run --local` keeps every task's outputs")
     tune_workers: int = _f(4, "parallel tune_worker tasks of the tuning pipeline (fixed when compiled)", lo=1,
                            hi=64)
+    storage_secret: str = _f("none", "Kubernetes Secret whose `password` key becomes PGPASSWORD of the tuning "
+                             "pipeline's study tasks (keeps the password out of tune.storage); none = no Secret")
 
 
 @dataclass(frozen=True)
