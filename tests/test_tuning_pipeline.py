@@ -144,3 +144,12 @@ def test_local_run_shares_one_study_and_trains_the_picked_trial(tmp_path: Path) 
     assert history(run / "distill" / "distill") == history(direct / "distill")
     assert (tmp_path / "published" / "evaluate" / "metrics.json").is_file()
     assert "the chosen trial's settings:" in result.stdout
+
+
+def test_a_local_run_puts_an_auto_study_in_the_pipeline_root(tmp_path: Path) -> None:
+    from varstudent.cli_pipeline import local_study_storage
+
+    params = load_params(REPO / "params.yaml", ["tune.study_name=mlp a/b"])
+    assert local_study_storage(params, tmp_path).tune.storage == f"sqlite:///{tmp_path.resolve()}/study-mlp_a_b.db"
+    chosen = load_params(REPO / "params.yaml", [f"tune.storage={PG_URL}"])
+    assert local_study_storage(chosen, tmp_path).tune.storage == PG_URL  # a storage given is kept
