@@ -101,6 +101,7 @@ def test_local_run_shares_one_study_and_trains_the_picked_trial(tmp_path: Path) 
     result = cli("pipeline", "run", "--local", "--pipeline", "tuning", *_sets(study_settings), "--root",
                  str(tmp_path / "root"), "--out", str(tmp_path / "published"), cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "varstudent: error" not in result.stdout  # no worker failed (and was retried)
     (run,) = list((tmp_path / "root").iterdir())
 
     # one study, every trial recorded once, the budget split between the two workers
@@ -153,3 +154,33 @@ def test_a_local_run_puts_an_auto_study_in_the_pipeline_root(tmp_path: Path) -> 
     assert local_study_storage(params, tmp_path).tune.storage == f"sqlite:///{tmp_path.resolve()}/study-mlp_a_b.db"
     chosen = load_params(REPO / "params.yaml", [f"tune.storage={PG_URL}"])
     assert local_study_storage(chosen, tmp_path).tune.storage == PG_URL  # a storage given is kept
+
+
+def test_workers_racing_to_create_the_study_tables_wait_for_the_winner(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    """Tasks started at once on an empty database: all but one find optuna's tables made meanwhile."""
+    import optuna
+
+    from varstudent import tune
+    from varstudent.errors import ServiceError
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            raise RuntimeError("(sqlite3.OperationalError) table studies already exists")
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(tune.time, "sleep", lambda _s: None)
+    params = load_params(REPO / "params.yaml")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert isinstance(tune.open_storage(params, url), real) and len(calls) == 2
+
+    def always(url, **kwargs):
+        raise RuntimeError("relation studies already exists")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", always)
+    with pytest.raises(ServiceError, match="already exists"):  # a real clash is still reported, once
+        tune.open_storage(params, url)

@@ -43,6 +43,7 @@ OBJECTIVES = ("val_accuracy", "compression")
 WORKER_ATTR, FAIL_ATTR, DISTILL_ATTR = "worker", "fail_reason", "distill"
 MLFLOW_RUN_ATTR = "mlflow_run_id"
 STALE_REASON = "no heartbeat within the grace period (worker lost)"
+SCHEMA_RACE_ATTEMPTS = 4
 
 
 
@@ -163,14 +164,22 @@ def open_storage(params: Params, url: str,
         engine = {"connect_args": {"timeout": 60}}  # several local workers wait for the file lock
     else:
         engine = {"pool_pre_ping": True}
-    try:
-        with _experimental_ok():
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
-                                              grace_period=cfg.grace_period,
-                                              heartbeat_stale_trial_callback=on_stale_trial)
-    except Exception as exc:  # SQLAlchemy raises many kinds for an unreachable or refused database
-        raise ServiceError(f"Optuna storage {redact(url)} is not usable: "
-                           f"{str(exc).strip().splitlines()[0][:200]}") from None
+    for attempt in range(SCHEMA_RACE_ATTEMPTS):
+        try:
+            with _experimental_ok():
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine,
+                                                  heartbeat_interval=cfg.heartbeat_interval,
+                                                  grace_period=cfg.grace_period,
+                                                  heartbeat_stale_trial_callback=on_stale_trial)
+        except Exception as exc:  # SQLAlchemy raises many kinds for an unreachable or refused database
+            # workers started together on an empty database race to create optuna's tables: the losers
+            # find them made by the winner when they try again
+            if "already exists" in str(exc) and attempt + 1 < SCHEMA_RACE_ATTEMPTS:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise ServiceError(f"Optuna storage {redact(url)} is not usable: "
+                               f"{str(exc).strip().splitlines()[0][:200]}") from None
+    raise AssertionError("unreachable")
 
 
 def make_sampler(params: Params, worker_index: int) -> optuna.samplers.BaseSampler:
