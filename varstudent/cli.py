@@ -30,7 +30,7 @@ OutOpt = typer.Option(Path("artifacts"), "--out", help="artifacts root; each sta
 
 def stage_dirs(out: Path) -> dict[str, Path]:
     """The one place the artifact layout is defined: OUT/<stage>/."""
-    return {name: out / name for name in STAGES}
+    return {name: out / name for name in (*STAGES, "register")}
 
 
 def _load(params_file: Path, overrides: list[str] | None):
@@ -51,13 +51,15 @@ def _call(name: str, params, out: Path, tracker=None) -> dict[str, Any]:
         "prune": lambda: stages.prune(params, d["prepare"], d["distill"], d["prune"]),
         "evaluate": lambda: stages.evaluate(params, d["prepare"], d["teacher"], d["distill"], d["prune"],
                                             d["evaluate"]),
+        "register": lambda: stages.register(params, d["prepare"], d["teacher"], d["distill"], d["prune"],
+                                            d["evaluate"], d["register"]),
     }
     if tracker is None:
         from varstudent.tracking import Tracker
 
         tracker = Tracker(params)
     started = time.perf_counter()
-    with tracker.stage(name) as logged:
+    with tracker.stage(name, d) as logged:
         metrics = calls[name]()
         logged.update(metrics)
     logging.getLogger("varstudent").info("%s done in %.1f s -> %s", name, time.perf_counter() - started,
@@ -84,16 +86,22 @@ _stage_command("evaluate", "Accuracy, sparsity, compression, bytes, CPU throughp
 
 @app.command()
 def run(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, out: Path = OutOpt) -> None:
-    """Run all five stages in order and print the summary table."""
+    """Run all five stages in order (then `register` when tracking is on) and print the summary table."""
     from varstudent.tracking import Tracker
 
     settings = _load(params, set_)
     tracker = Tracker(settings)
     started = time.perf_counter()
     metrics: dict[str, Any] = {}
-    for name in STAGES:
-        metrics = _call(name, settings, out, tracker)
+    with tracker.pipeline():
+        for name in STAGES:
+            metrics = _call(name, settings, out, tracker)
+        decision = _call("register", settings, out, tracker) if settings.tracking.enabled else None
     typer.echo(summary_table(metrics))
+    if decision:
+        typer.echo(f"registered {decision['model']} version {decision['version']} as {decision['alias']}"
+                   + (f" ({decision['failed_rule']})" if decision.get("failed_rule") else "")
+                   + f"; MLflow took {tracker.seconds:.1f} s")
     typer.echo(f"total {time.perf_counter() - started:.0f} s; report: {stage_dirs(out)['evaluate'] / 'report.md'}")
 
 
@@ -124,6 +132,11 @@ def predict_command(
         typer.echo(json.dumps({"model": model, "format": net.export_format, "predictions": rows}, indent=1))
     else:
         typer.echo("\n".join(f"{r['index']}\t{r['class']}\t{r['probability']:.4f}" for r in rows))
+
+
+from varstudent.cli_mlflow import app as _mlflow_commands  # noqa: E402  (register, lineage)
+
+app.add_typer(_mlflow_commands)
 
 
 @app.command("params")

@@ -21,6 +21,7 @@ from varstudent.errors import ConfigError
 # names checked when params are read, so a typo fails before any stage spends time
 ARCH_PATTERN = r"mlp(-\d+)+|lenet-300-100|lenet5|vgg-like"
 DATASET_PATTERN = r"mnist|mnist5k|digits|dir:.+"
+TEACHER_SOURCE_PATTERN = r"train|models:/[^/@]+(@[A-Za-z0-9_-]+|/\d+)"
 
 
 def _f(default: Any, why: str, *, lo: float | None = None, hi: float | None = None,
@@ -48,6 +49,8 @@ class TeacherConfig:
     lr: float = _f(1e-3, "Adam learning rate", lo=0.0, hi=1.0, lo_open=True)
     lr_decay_start: float = _f(0.5, "fraction of `epochs` after which lr decays linearly to 0 (1 = never)",
                                lo=0.0, hi=1.0)
+    source: str = _f("train", "train | models:/NAME@ALIAS | models:/NAME/VERSION (reuse a registered teacher)",
+                     pattern=TEACHER_SOURCE_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,23 @@ class TrackingConfig:
     enabled: bool = _f(True, "log one MLflow run per stage")
     uri: str = _f("sqlite:///mlruns.db", "MLflow tracking URI; sqlite is the embedded default")
     experiment: str = _f("varstudent", "MLflow experiment name")
+    http_retries: int = _f(2, "retries of a failed request to a tracking server (then a clear error)", lo=0, hi=10)
+    http_timeout_s: int = _f(30, "seconds one request to a tracking server may take", lo=1)
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    max_accuracy_drop: float = _f(0.01, "the student may be at most this much less accurate than its teacher "
+                                  "(a fraction: 0.01 = one point)", lo=0.0, hi=1.0)
+    min_compression: float = _f(10.0, "teacher weights / nonzero weights of the compact student, at least",
+                                lo=1.0)
+    champion_rule: str = _f("balanced", "how a candidate beats the champion on the same test set: balanced = "
+                            "not less accurate by more than `tolerance` and at least as compressed, or strictly "
+                            "better on both; accuracy = more accurate by more than `tolerance`, or as accurate "
+                            "within it and more compressed; compression = more compressed and not less accurate "
+                            "by more than `tolerance`", choices=("balanced", "accuracy", "compression"))
+    tolerance: float = _f(0.002, "accuracy tolerance of the champion rule (a fraction)", lo=0.0, hi=1.0)
+    lock_lease_s: int = _f(600, "a registration lock older than this is taken as abandoned", lo=10)
 
 
 @dataclass(frozen=True)
@@ -130,6 +150,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts and lists (tuples become lists), as YAML, JSON and MLflow want them."""
