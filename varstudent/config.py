@@ -25,10 +25,12 @@ TEACHER_SOURCE_PATTERN = r"train|models:/[^/@]+(@[A-Za-z0-9_-]+|/\d+)"
 
 
 def _f(default: Any, why: str, *, lo: float | None = None, hi: float | None = None,
-       lo_open: bool = False, choices: tuple[str, ...] | None = None, pattern: str | None = None) -> Any:
-    """A field with its reason and its valid range (lo/hi inclusive unless lo_open) or name pattern."""
+       lo_open: bool = False, choices: tuple[str, ...] | None = None, pattern: str | None = None,
+       known: str | None = None) -> Any:
+    """A field with its reason and its valid range (lo/hi inclusive unless lo_open) or name pattern (`known`:
+    how the error message lists the accepted names)."""
     return field(default=default, metadata={"why": why, "lo": lo, "hi": hi, "lo_open": lo_open,
-                                            "choices": choices, "pattern": pattern})
+                                            "choices": choices, "pattern": pattern, "known": known})
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class TeacherConfig:
     lr_decay_start: float = _f(0.5, "fraction of `epochs` after which lr decays linearly to 0 (1 = never)",
                                lo=0.0, hi=1.0)
     source: str = _f("train", "train | models:/NAME@ALIAS | models:/NAME/VERSION (reuse a registered teacher)",
-                     pattern=TEACHER_SOURCE_PATTERN)
+                     pattern=TEACHER_SOURCE_PATTERN, known="train, models:/NAME@ALIAS, models:/NAME/VERSION")
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,8 @@ def _check_value(name: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{name}: must be one of {', '.join(meta['choices'])}; got {value!r}")
     if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
-        known = meta["pattern"].replace("(-\\d+)+", "-H1-H2-...").replace("|", ", ").replace(":.+", ":PATH")
+        known = meta.get("known") or \
+            meta["pattern"].replace("(-\\d+)+", "-H1-H2-...").replace("|", ", ").replace(":.+", ":PATH")
         raise ConfigError(f"{name}: unknown name {value!r} (known: {known})")
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):

@@ -10,8 +10,13 @@ Output: one row per image: `class`, its `probability`, and `probabilities` (soft
 
 from __future__ import annotations
 
+import warnings
+
 import mlflow
 from mlflow.pyfunc import PythonModel
+
+# mlflow suggests type hints on predict at class creation; our input is an image tensor, its signature checks it
+warnings.filterwarnings("ignore", message=".*type hints to the `predict` method", category=UserWarning)
 
 
 class VarstudentPyfunc(PythonModel):
