@@ -23,7 +23,7 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/epoch_speed.py
-	$(BIN)/python benchmarks/ablation.py --epochs 60 --set distill.converge_tol=0 --out benchmarks/out/mnist60
+	$(BIN)/python benchmarks/reproduce.py mnist-mlp
 
 clean:
 	rm -rf artifacts benchmarks/out mlruns.db

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Calibration sweep of the VS loss weights on full MNIST (the paper's MLP pair), run on a lent GPU so a
-# dozen settings fit in minutes; the chosen setting is then benchmarked on the CPU by ablation.py.
+# dozen settings fit in minutes; the chosen setting is then benchmarked on the CPU by reproduce.py.
 # Usage (repo root, data/raw holding the MNIST archive): OUT=dir bash benchmarks/gpu_sweep.sh [EPOCHS]
 set -euo pipefail
 EPOCHS=${1:-60}
@@ -25,7 +25,8 @@ variants=(
   "kd05_vd5:distill.kd_weight=0.5,distill.vd_weight=5"
 )
 for v in "${variants[@]}"; do
-  python3 benchmarks/ablation.py --epochs "$EPOCHS" --out "$W/ablation" --reuse-teacher --only \
+  python3 benchmarks/reproduce.py mnist-mlp --set teacher.epochs="$EPOCHS" --set distill.epochs="$EPOCHS" \
+    --out "$W/ablation" --reuse-teacher --only \
     --variant "$v" "${COMMON[@]}" > "$W/${v%%:*}.log" 2>&1 &
 done
 wait

@@ -156,7 +156,7 @@ def test_load_idx_dir_labels_must_be_1d(tmp_path: Path) -> None:
 
 def test_load_dataset_unknown_name_lists_known(tmp_path: Path) -> None:
     # Guards: a typo in data.dataset tells the user which names exist.
-    with pytest.raises(DataError, match="unknown dataset 'mnsit'; known: mnist, mnist5k, digits, dir:PATH"):
+    with pytest.raises(DataError, match="unknown dataset 'mnsit'; known: mnist, cifar10, mnist5k, digits, dir:PATH"):
         load_dataset("mnsit", tmp_path, seed=0, test_fraction=0.2)
 
 

@@ -20,7 +20,7 @@ from varstudent.errors import ConfigError
 
 # names checked when params are read, so a typo fails before any stage spends time
 ARCH_PATTERN = r"mlp(-\d+)+|lenet-300-100|lenet5|vgg-like"
-DATASET_PATTERN = r"mnist|mnist5k|digits|dir:.+"
+DATASET_PATTERN = r"mnist|cifar10|mnist5k|digits|dir:.+"
 TEACHER_SOURCE_PATTERN = r"train|models:/[^/@]+(@[A-Za-z0-9_-]+|/\d+)"
 
 
@@ -35,7 +35,7 @@ def _f(default: Any, why: str, *, lo: float | None = None, hi: float | None = No
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _f("mnist", "mnist | mnist5k | digits | dir:PATH (a folder of IDX files)",
+    dataset: str = _f("mnist", "mnist | cifar10 | mnist5k | digits | dir:PATH (a folder of IDX files)",
                       pattern=DATASET_PATTERN)
     raw_dir: str = _f("data/raw", "where prepare keeps downloaded archives; training never reads it")
     test_fraction: float = _f(0.2, "held-out share for datasets without an official test split",

