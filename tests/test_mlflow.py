@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,7 +124,7 @@ def test_registered_student_loads_as_pyfunc_with_signature_and_tags(tracked: dic
     answer = model.predict(data.x_test.numpy())
     expected = _compact_predictions(out, data.x_test)
     assert answer["class"].tolist() == expected.argmax(1).tolist()
-    assert torch.allclose(torch.tensor(list(answer["probabilities"])), expected.double(), atol=1e-6)
+    assert torch.allclose(torch.from_numpy(np.stack(answer["probabilities"])), expected.double(), atol=1e-6)
     files = [a.path for a in mlflow.artifacts.list_artifacts(f"models:/varstudent-student/{version.version}")]
     local = Path(mlflow.artifacts.download_artifacts(f"models:/varstudent-student/{version.version}"))
     assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt", ".pth")], files
@@ -344,7 +345,10 @@ def test_pipeline_against_a_tracking_server_backed_by_postgres(postgres_url: str
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{uri}/health", server, 120)
-        result = cli("run", *TINY, "--set", f"tracking.uri={uri}", cwd=tmp_path)
+        # fewer epochs than TINY and an open gate: this test is about the server, not the model
+        result = cli("run", *TINY, "--set", "teacher.epochs=3", "--set", "distill.epochs=4", "--set",
+                     "register.max_accuracy_drop=1", "--set", "register.min_compression=1", "--set",
+                     f"tracking.uri={uri}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         client = _client(uri)
         runs = client.search_runs([client.get_experiment_by_name("varstudent").experiment_id])
