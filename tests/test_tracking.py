@@ -34,6 +34,15 @@ def test_git_commit_is_unknown_without_git(monkeypatch: pytest.MonkeyPatch) -> N
     assert tracking.git_commit() == "unknown"
 
 
+def test_git_commit_marks_a_modified_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VARSTUDENT_GIT_COMMIT", raising=False)
+    answers = {"rev-parse": "f00d" * 10, "status": " M varstudent/stages.py"}
+    monkeypatch.setattr(subprocess, "run", lambda args, **k: subprocess.CompletedProcess(args, 0, answers[args[1]], ""))
+    assert tracking.git_commit() == "f00d" * 10 + "-dirty"
+    answers["status"] = ""
+    assert tracking.git_commit() == "f00d" * 10
+
+
 def test_postgres_tests_skip_with_a_hint_when_the_binaries_are_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests import pg
 

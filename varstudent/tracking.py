@@ -78,23 +78,30 @@ def experiment_id(client: Any, name: str) -> str:
 
 
 def git_commit() -> str:
-    """The commit of the working tree (VARSTUDENT_GIT_COMMIT wins); "unknown" without git."""
+    """The commit of the code that runs (VARSTUDENT_GIT_COMMIT wins), `-dirty` when tracked files differ from it;
+    "unknown" without git."""
     if os.environ.get(GIT_COMMIT_ENV):
         return os.environ[GIT_COMMIT_ENV]
-    try:
-        # the commit of the code that ran, wherever the command was started from
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent)
-    except (OSError, subprocess.SubprocessError):
+
+    def git(*args: str) -> str | None:
+        try:  # in the package's folder: the code's commit, wherever the command was started from
+            result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                                    cwd=Path(__file__).parent)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
         return "unknown"
-    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def lineage_tags(params: Params, dataset_digest: str | None) -> dict[str, str]:
     """The tags every run and every registered version carries."""
     tags = {f"{TAG}git_commit": git_commit(), f"{TAG}params_digest": params.digest()}
     if tags[f"{TAG}git_commit"] != "unknown":
-        tags["mlflow.source.git.commit"] = tags[f"{TAG}git_commit"]
+        tags["mlflow.source.git.commit"] = tags[f"{TAG}git_commit"].removesuffix("-dirty")
     if os.environ.get(KFP_RUN_ID_ENV):
         tags[f"{TAG}kfp_run_id"] = os.environ[KFP_RUN_ID_ENV]
     if dataset_digest:
