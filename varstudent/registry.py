@@ -55,6 +55,27 @@ def example_inputs(data_dir: Path, n: int = 5) -> np.ndarray:
         return tensors.get_slice("x_test")[:n].astype(np.float32) / np.float32(255.0)
 
 
+@contextmanager
+def _no_requirement_check() -> Iterator[None]:
+    """mlflow checks the pinned requirements against the installed packages, when saving and again when it
+    loads the model to validate the input example, by scanning every installed distribution (1-5 s, once per
+    process). Ours are read from the installed versions, so the check cannot fail: skip it while logging.
+    Patches only names that exist (a later mlflow that renames them just runs its check)."""
+    import mlflow.pyfunc
+    import mlflow.utils.environment
+
+    name = "warn_dependency_requirement_mismatches"
+    patched = [(module, getattr(module, name)) for module in (mlflow.utils.environment, mlflow.pyfunc)
+               if hasattr(module, name)]
+    for module, _ in patched:
+        setattr(module, name, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            setattr(module, name, original)
+
+
 def log_pyfunc(model_dir: Path, name: str, x_example: np.ndarray, registered_name: str,
                tags: dict[str, str]) -> Any:
     """Log NAME.{json,safetensors} as a pyfunc into the active run and register it; the new ModelVersion."""
@@ -72,9 +93,11 @@ def log_pyfunc(model_dir: Path, name: str, x_example: np.ndarray, registered_nam
     with tempfile.TemporaryDirectory() as tmp:
         for suffix in (".json", ".safetensors"):
             shutil.copy2(model_dir / f"{name}{suffix}", tmp)
-        info = mlflow.pyfunc.log_model(name=name, python_model=str(MODEL_CODE), artifacts={"model": tmp},
-                                       model_config={"name": name}, signature=signature, input_example=x_example,
-                                       pip_requirements=pip_requirements(), registered_model_name=registered_name)
+        with _no_requirement_check():
+            info = mlflow.pyfunc.log_model(name=name, python_model=str(MODEL_CODE), artifacts={"model": tmp},
+                                           model_config={"name": name}, signature=signature,
+                                           input_example=x_example, pip_requirements=pip_requirements(),
+                                           registered_model_name=registered_name)
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
     for key, value in tags.items():
