@@ -50,3 +50,13 @@ def test_postgres_tests_skip_with_a_hint_when_the_binaries_are_missing(monkeypat
     monkeypatch.setattr(pg.glob, "glob", lambda pattern: [])
     assert pg.missing() == "PostgreSQL server binaries not found"
     assert "apt-get install postgresql" in pg.HINT
+
+
+def test_register_needs_tracking(tmp_path) -> None:
+    from varstudent import stages
+    from varstudent.errors import ConfigError
+
+    params = load_params(None, ["tracking.enabled=false"])
+    with pytest.raises(ConfigError, match="register needs tracking.enabled: true"):
+        stages.register(params, *(tmp_path / d for d in ("prepare", "teacher", "distill", "prune", "evaluate",
+                                                         "register")))
