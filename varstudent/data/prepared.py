@@ -49,8 +49,10 @@ def _validate(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
 
 
 def write_prepared(out_dir: Path, dataset: str, x_train: np.ndarray, y_train: np.ndarray,
-                   x_test: np.ndarray, y_test: np.ndarray, classes: list[int]) -> dict[str, Any]:
-    """Validate and write data.safetensors then manifest.json into `out_dir`; return the manifest."""
+                   x_test: np.ndarray, y_test: np.ndarray, classes: list[int],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate and write data.safetensors then manifest.json into `out_dir`; return the manifest
+    (`extra` keys, e.g. the validation summary, are recorded in it too)."""
     from safetensors.numpy import save_file
 
     _validate(x_train, y_train, x_test, y_test, classes)
@@ -77,6 +79,7 @@ def write_prepared(out_dir: Path, dataset: str, x_train: np.ndarray, y_train: np
         "class_counts_test": np.bincount(y_test, minlength=k).tolist(),
         "pixel_mean": float(x_train.mean(dtype=np.float64)),
         "sha256": digest[0],
+        **(extra or {}),
     }
     text = json.dumps(manifest, indent=2) + "\n"
     atomic_write(out_dir / MANIFEST_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -102,11 +105,10 @@ class PreparedData:
         return int(self.manifest["num_classes"])
 
 
-def load_prepared(data_dir: Path) -> PreparedData:
-    """Read what `write_prepared` wrote, checking the sha256 and shapes against the manifest."""
-    import torch
+def read_prepared_arrays(data_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The numpy arrays and manifest `write_prepared` wrote, after checking the version and sha256."""
     from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors.numpy import load
 
     data_dir = Path(data_dir)
     manifest_path, data_path = data_dir / MANIFEST_FILE, data_dir / DATA_FILE
@@ -114,8 +116,6 @@ def load_prepared(data_dir: Path) -> PreparedData:
         raise DataError(f"{manifest_path}: no prepared data; run `varstudent prepare` first")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        input_shape = [int(d) for d in manifest["input_shape"]]
-        n_train, n_test = int(manifest["n_train"]), int(manifest["n_test"])
         expected_sha = str(manifest["sha256"])
         version = manifest["format_version"]
     except (ValueError, KeyError, TypeError) as e:
@@ -130,15 +130,38 @@ def load_prepared(data_dir: Path) -> PreparedData:
         raise DataError(f"{data_path}: sha256 does not match {MANIFEST_FILE}; it was modified or truncated "
                         "(run `varstudent prepare` again)")
     try:
-        t = load(raw)
+        arrays = load(raw)
     except SafetensorError as e:
         raise DataError(f"{data_path}: cannot parse ({e})") from None
-    expected = {"x_train": (torch.uint8, (n_train, *input_shape)), "y_train": (torch.int64, (n_train,)),
-                "x_test": (torch.uint8, (n_test, *input_shape)), "y_test": (torch.int64, (n_test,))}
+    missing = [k for k in _KEYS if k not in arrays]
+    if missing:
+        raise DataError(f"{data_path}: {missing[0]} is missing")
+    return arrays, manifest
+
+
+def load_prepared(data_dir: Path) -> PreparedData:
+    """Read what `write_prepared` wrote, checking the sha256 and shapes against the manifest."""
+    import torch
+
+    arrays, manifest = read_prepared_arrays(data_dir)
+    data_path = Path(data_dir) / DATA_FILE
+    try:
+        input_shape = [int(d) for d in manifest["input_shape"]]
+        n_train, n_test = int(manifest["n_train"]), int(manifest["n_test"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{Path(data_dir) / MANIFEST_FILE}: unreadable manifest ({e!r}); "
+                        "run `varstudent prepare` again") from None
+    expected = {"x_train": (np.uint8, (n_train, *input_shape)), "y_train": (np.int64, (n_train,)),
+                "x_test": (np.uint8, (n_test, *input_shape)), "y_test": (np.int64, (n_test,))}
     for key, (dtype, shape) in expected.items():
-        if key not in t or t[key].dtype != dtype or tuple(t[key].shape) != shape:
-            got = f"{t[key].dtype} {tuple(t[key].shape)}" if key in t else "missing"
-            raise DataError(f"{data_path}: {key} should be {dtype} {shape} per the manifest, got {got}")
+        if arrays[key].dtype != dtype or arrays[key].shape != shape:
+            got = f"{arrays[key].dtype} {arrays[key].shape}"
+            raise DataError(f"{data_path}: {key} should be {np.dtype(dtype)} {shape} per the manifest, got {got}")
+    num_classes = int(manifest.get("num_classes", 0))
+    for key in ("y_train", "y_test"):  # labels index the logits: one out of range would crash training
+        if arrays[key].size and (int(arrays[key].min()) < 0 or int(arrays[key].max()) >= num_classes):
+            raise DataError(f"{data_path}: {key} has labels outside the classes 0..{num_classes - 1}")
+    t = {k: torch.from_numpy(v) for k, v in arrays.items()}
     return PreparedData(x_train=t["x_train"].to(torch.float32).div_(255.0), y_train=t["y_train"],
                         x_test=t["x_test"].to(torch.float32).div_(255.0), y_test=t["y_test"],
                         manifest=manifest)
