@@ -234,13 +234,13 @@ class Tracker:
                 tags = lineage_tags(self.params, manifest and manifest["sha256"][:16])
                 run_id = self._create_run(name, started, tags)
                 mlflow.start_run(run_id=run_id)
-            self.seconds += time.perf_counter() - tic
             try:
                 yield metrics
             except BaseException:
                 mlflow.end_run("FAILED")
                 raise
             mlflow.end_run()
+            self.seconds += time.perf_counter() - tic  # all of register is registration work
         else:
             yield metrics
             manifest = manifest or _manifest(dirs["prepare"])  # prepare has just written it
