@@ -162,7 +162,7 @@ CASES: list[tuple[str, str, list[str], Setup, tuple[str, ...]]] = [
     ("data-wrong-shape", "teacher", [], _damage(lambda out: _resave_safetensors(
         out / "prepare/data.safetensors", out / "prepare/manifest.json",
         lambda t: t.update(x_train=t["x_train"][:, :, :4, :]))),
-     ("x_train should be torch.uint8 (1437, 1, 8, 8) per the manifest, got torch.uint8 (1437, 1, 4, 8)",)),
+     ("x_train should be uint8 (1437, 1, 8, 8) per the manifest, got uint8 (1437, 1, 4, 8)",)),
     ("labels-out-of-range", "teacher", [], _damage(lambda out: _resave_safetensors(
         out / "prepare/data.safetensors", out / "prepare/manifest.json",
         lambda t: t.update(y_train=t["y_train"] + 5))),
