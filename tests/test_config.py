@@ -43,7 +43,6 @@ def test_committed_params_yaml_is_valid_and_complete() -> None:
     ("register.champion_rule=best", "register.champion_rule: must be one of balanced, accuracy, compression"),
     ("register.max_accuracy_drop=2", "register.max_accuracy_drop: must be <= 1.0"),
     ("register.min_compression=0.5", "register.min_compression: must be >= 1.0"),
-    ("tracking.http_retries=-1", "tracking.http_retries: must be >= 0"),
     ("novalue", "--set expects section.key=value"),
     ("export.formats=[sparse,tflite]", "export.formats: unknown name 'tflite' (known: compact, compact_fp16, "
                                        "compact_bf16, sparse, onnx)"),
