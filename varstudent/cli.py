@@ -17,12 +17,14 @@ from typing import Any
 import typer
 
 from varstudent.cli_data import data_app
+from varstudent.cli_tune import tune_app
 from varstudent.errors import VarstudentError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil a teacher network into a sparse variational student, prune and evaluate it.")
 
 app.add_typer(data_app, name="data")
+app.add_typer(tune_app, name="tune")
 
 STAGES = ("prepare", "teacher", "distill", "prune", "evaluate")
 
@@ -44,15 +46,25 @@ def _load(params_file: Path, overrides: list[str] | None):
 
 
 def _call(name: str, params, out: Path, tracker=None) -> dict[str, Any]:
+    return call_stage(name, params, stage_dirs(out), tracker, out)
+
+
+def call_stage(name: str, params, d: dict[str, Path], tracker=None, out: Path | None = None) -> dict[str, Any]:
+    """Run one stage (tracked) with its folders given by name. With `out` (the CLI's artifacts root) it holds
+    OUT's lock, stages its outputs and checkpoints into OUT/checkpoints/; a KFP component passes its own
+    artifact folders and no `out` (each task's folders are its own; KFP retries rerun a task from scratch)."""
+    import contextlib
+
     from varstudent import stages
     from varstudent.outputs import out_lock, staged
 
-    d, ckpt = stage_dirs(out), out / "checkpoints"
+    ckpt = out / "checkpoints" if out is not None else None
     # each stage writes into a staging folder (`to`) that replaces OUT/<stage>/ only once it succeeded
     calls: dict[str, Callable[[Path], dict[str, Any]]] = {
         "prepare": lambda to: stages.prepare(params, to),
-        "teacher": lambda to: stages.teacher(params, d["prepare"], to, ckpt / "teacher"),
-        "distill": lambda to: stages.distill(params, d["prepare"], d["teacher"], to, ckpt / "distill"),
+        "teacher": lambda to: stages.teacher(params, d["prepare"], to, ckpt / "teacher" if ckpt else None),
+        "distill": lambda to: stages.distill(params, d["prepare"], d["teacher"], to,
+                                             ckpt / "distill" if ckpt else None),
         "prune": lambda to: stages.prune(params, d["prepare"], d["distill"], to),
         "evaluate": lambda to: stages.evaluate(params, d["prepare"], d["teacher"], d["distill"], d["prune"], to),
         "register": lambda to: stages.register(params, d["prepare"], d["teacher"], d["distill"], d["prune"],
@@ -63,12 +75,11 @@ def _call(name: str, params, out: Path, tracker=None) -> dict[str, Any]:
 
         tracker = Tracker(params)
     started = time.perf_counter()
-    with out_lock(out), tracker.stage(name, d) as logged:
-        with staged(d[name]) as to:
+    with out_lock(out) if out else contextlib.nullcontext(), tracker.stage(name, d) as logged:
+        with staged(d[name]) if out else contextlib.nullcontext(d[name]) as to:
             metrics = calls[name](to)
         logged.update(metrics)
-    logging.getLogger("varstudent").info("%s done in %.1f s -> %s", name, time.perf_counter() - started,
-                                         stage_dirs(out)[name])
+    logging.getLogger("varstudent").info("%s done in %.1f s -> %s", name, time.perf_counter() - started, d[name])
     return metrics
 
 
@@ -170,6 +181,11 @@ def summary_table(m: dict[str, Any]) -> str:
                  f"{m['compact_speedup_vs_teacher_b256']:.1f}x the teacher's throughput at batch 256 "
                  f"({m['threads']} threads)")
     return "\n".join(lines)
+
+
+from varstudent.cli_pipeline import app as pipeline_app  # noqa: E402
+
+app.add_typer(pipeline_app, name="pipeline")
 
 
 def main() -> None:

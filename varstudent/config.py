@@ -31,11 +31,12 @@ MAX_LOSS_WEIGHT = 1e6
 
 def _f(default: Any, why: str, *, lo: float | None = None, hi: float | None = None,
        lo_open: bool = False, choices: tuple[str, ...] | None = None, pattern: str | None = None,
-       known: str | None = None) -> Any:
+       allow_empty: bool = False, known: str | None = None) -> Any:
     """A field with its reason and its valid range (lo/hi inclusive unless lo_open) or name pattern (`known`:
-    how the error message lists the accepted names)."""
+    how the error message lists the accepted names); a list of names may be empty only with allow_empty."""
     return field(default=default, metadata={"why": why, "lo": lo, "hi": hi, "lo_open": lo_open,
-                                            "choices": choices, "pattern": pattern, "known": known})
+                                            "choices": choices, "pattern": pattern, "allow_empty": allow_empty,
+                                            "known": known})
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class TeacherConfig:
                                lo=0.0, hi=1.0)
     source: str = _f("train", "train | models:/NAME@ALIAS | models:/NAME/VERSION (reuse a registered teacher)",
                      pattern=TEACHER_SOURCE_PATTERN, known="train, models:/NAME@ALIAS, models:/NAME/VERSION")
+    nproc: int = _f(1, "processes for data-parallel training (torchrun + DDP; gloo on CPU, nccl on GPU)", lo=1)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,60 @@ class TrackingConfig:
     experiment: str = _f("varstudent", "MLflow experiment name")
 
 
+# distill settings an Optuna study may search (varstudent/tune.py); the rest of distill is fixed per study
+TUNABLE = ("kd_weight", "temperature", "vd_weight", "bsr_weight", "bsr_norm", "lr", "kl_warmup_epochs")
+_LOG_TUNABLE = ("kd_weight", "temperature", "vd_weight", "bsr_weight", "lr")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    study_name: str = _f("varstudent", "Optuna study name; processes sharing storage and name share the work")
+    storage: str = _f("auto", "auto = sqlite file OUT/tune/study.db; an RDB URL (postgresql://..., "
+                      "sqlite:///...) or a path to a journal file")
+    n_trials: int = _f(24, "total trial budget of the study, over all workers and resumes", lo=1)
+    sampler: str = _f("nsga2", "nsga2 (NSGA-II), tpe or random", choices=("nsga2", "tpe", "random"))
+    population_size: int = _f(8, "NSGA-II generation size (the first generation is random)", lo=2)
+    validation_fraction: float = _f(0.2, "share of the TRAINING data held out (stratified) to score trials",
+                                    lo=0.0, hi=0.5, lo_open=True)
+    fixed: tuple[str, ...] = _f((), "tunable distill keys held at the distill section's value",
+                                choices=TUNABLE, allow_empty=True)
+    kd_weight: tuple[float, float] = _f((0.0, 2.0), "lambda_T range", lo=0.0)
+    temperature: tuple[float, float] = _f((1.0, 8.0), "T range", lo=0.0, lo_open=True)
+    vd_weight: tuple[float, float] = _f((0.3, 3.0), "lambda_V range", lo=0.0)
+    bsr_weight: tuple[float, float] = _f((1e-7, 1e-3), "lambda_g range", lo=0.0)
+    bsr_norm: tuple[str, ...] = _f(("linf", "l2"), "BSR block norms to choose from", choices=("linf", "l2"))
+    lr: tuple[float, float] = _f((3e-4, 3e-3), "Adam learning-rate range", lo=0.0, hi=1.0, lo_open=True)
+    kl_warmup_epochs: tuple[int, int] = _f((0, 10), "KL warm-up range (epochs)", lo=0)
+    log_scale: tuple[str, ...] = _f(("temperature", "vd_weight", "bsr_weight", "lr"), "ranges sampled "
+                                    "uniformly in log space (low must be > 0)", choices=_LOG_TUNABLE,
+                                    allow_empty=True)
+    heartbeat_interval: int = _f(10, "seconds between a running trial's heartbeats (RDB storages)", lo=1)
+    grace_period: int = _f(60, "a RUNNING trial without a heartbeat this long is failed", lo=2)
+
+    def __post_init__(self) -> None:
+        for name in self.log_scale:
+            if getattr(self, name)[0] <= 0:
+                raise ConfigError(f"tune.{name}: low must be > 0 when sampled in log space (tune.log_scale); "
+                                  f"got {getattr(self, name)[0]!r}")
+        if self.grace_period <= self.heartbeat_interval:
+            raise ConfigError(f"tune.grace_period ({self.grace_period}) must exceed tune.heartbeat_interval "
+                              f"({self.heartbeat_interval})")
+
+
+@dataclass(frozen=True)
+class KfpConfig:
+    """How the Kubeflow pipeline is built (compile time; not pipeline parameters)."""
+    image: str = _f("ghcr.io/varstudent/varstudent:0.1.0-cpu", "the project image every component runs in "
+                    "(infra/Dockerfile.cpu or .cuda, pushed where the cluster can pull it)")
+    accelerator_type: str = _f("nvidia.com/gpu", "accelerator resource the training tasks request")
+    accelerator_count: int = _f(1, "accelerators per training task; 0 = none (CPU-only cluster)", lo=0)
+    cpu_request: str = _f("2", "CPU request of the training tasks (Kubernetes quantity)")
+    memory_request: str = _f("8Gi", "memory request of the training tasks (Kubernetes quantity)")
+    gpu_taint: str = _f("nvidia.com/gpu", "key of the NoSchedule taint on GPU nodes; training tasks tolerate it")
+    retries: int = _f(2, "retries of a failed training task (preempted or flaky nodes)", lo=0, hi=10)
+    pipeline_root: str = _f("artifacts/kfp", "where `pipeline run --local` keeps every task's outputs")
+
+
 @dataclass(frozen=True)
 class RegisterConfig:
     max_accuracy_drop: float = _f(0.01, "the student may be at most this much less accurate than its teacher "
@@ -190,6 +246,9 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     services: ServicesConfig = field(default_factory=ServicesConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    kfp: KfpConfig = field(default_factory=KfpConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,6 +271,8 @@ def _check_choices(name: str, f: dataclasses.Field, value: Any) -> tuple[str, ..
     choices = f.metadata["choices"]
     if isinstance(value, str):
         value = [value]
+    if isinstance(value, (list, tuple)) and not value and f.metadata.get("allow_empty"):
+        return ()
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{name}: expected a non-empty list of names from {', '.join(choices)}; got {value!r}")
     unknown = [v for v in value if v not in choices]
@@ -222,9 +283,22 @@ def _check_choices(name: str, f: dataclasses.Field, value: Any) -> tuple[str, ..
     return tuple(value)
 
 
+def _check_range(name: str, f: dataclasses.Field, typ: Any, value: Any) -> tuple[Any, Any]:
+    """A [low, high] pair of numbers (integers for tuple[int, int]), each within the field's bounds."""
+    item = typ.__args__[0]
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(f"{name}: expected [low, high], got {value!r}")
+    low, high = (_check_value(name, f, item, v) for v in value)
+    if low > high:
+        raise ConfigError(f"{name}: low {low!r} is above high {high!r}")
+    return low, high
+
+
 def _check_value(name: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
     if typ == tuple[str, ...]:
         return _check_choices(name, f, value)
+    if typ in (tuple[float, float], tuple[int, int]):
+        return _check_range(name, f, typ, value)
     if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true or false, got {value!r}")

@@ -109,9 +109,13 @@ def _data(data_dir: Path, device: torch.device):
 
 
 def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path | None = None) -> dict[str, Any]:
-    """Train the dense teacher with cross-entropy, resumable from `checkpoint_dir`; or take a registered one
-    (`teacher.source: models:/...`)."""
+    """Train the dense teacher with cross-entropy, resumable from `checkpoint_dir` (one process only); or take a
+    registered one (`teacher.source: models:/...`)."""
+    from varstudent import distributed
+
     cfg, device = params.teacher, resolve_device(params.runtime.device)
+    if cfg.nproc > 1 and not distributed.is_worker():
+        return distributed.launch_teacher(params, data_dir, out_dir)
     seed_everything(params.seed, params.runtime.deterministic)
     data, x, y = _data(data_dir, device)
     if cfg.source != "train":

@@ -102,8 +102,11 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, set
     With a `checkpoint`, the state is saved every `checkpoint.every` epochs and a matching earlier
     checkpoint is resumed: the loop continues exactly where it stopped (same RNG streams, same moments).
     """
+    from varstudent import distributed  # under torchrun: DDP, each process takes a slice of every batch
+
     n = x.shape[0]
     steps = math.ceil(n / settings.batch_size)
+    step_model = distributed.wrap(model)
     # the fused Adam step (one kernel over all parameters) halves a dense-MLP epoch on the CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, fused=x.device.type in ("cpu", "cuda"))
     generator = torch.Generator().manual_seed(settings.seed)
@@ -126,8 +129,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, set
         correct = torch.zeros((), device=x.device)
         epoch_started = time.perf_counter()
         for step in range(steps):
-            index = order[step * settings.batch_size:(step + 1) * settings.batch_size]
-            logits = model(x[index])
+            index = distributed.shard(order[step * settings.batch_size:(step + 1) * settings.batch_size])
+            logits = step_model(x[index])
             loss, terms = loss_fn(model, logits, y[index], index, epoch)
             if not torch.isfinite(loss):
                 bar.close()
@@ -142,6 +145,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, set
             bar.update(1)
             if step % 50 == 0 and bar.n:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+        sums = distributed.all_sum({**sums, "correct": correct})
+        correct = sums.pop("correct")
         row = {k: v.item() / n for k, v in sums.items()}
         row.update(epoch=epoch + 1, train_accuracy=correct.item() / n, lr=optimizer.param_groups[0]["lr"],
                    seconds=time.perf_counter() - epoch_started)

@@ -1,0 +1,66 @@
+"""The training pipeline: prepare -> teacher -> distill -> prune -> evaluate, built from `components.STAGES`.
+
+Every stage setting is a pipeline parameter with its params.yaml default (varstudent.pipeline_params); the
+`kfp` section of params.yaml says how tasks run (image, accelerator, requests, GPU taint, retries).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from components import ALWAYS, STAGES, build_components
+from varstudent.config import Params
+from varstudent.pipeline_params import keys_of_sections, pipeline_parameters
+
+PIPELINE_NAME = "varstudent-training"
+
+
+def build_pipeline(params: Params):
+    """The pipeline as a KFP GraphComponent; parameter defaults and task settings come from `params`."""
+    from kfp import dsl, kubernetes
+    from kfp.dsl import Metrics
+
+    parameters = pipeline_parameters(params)
+    name_of = {p.key: p.name for p in parameters}
+    components = build_components(params.kfp.image)
+    run_cfg = params.kfp
+
+    def training_pipeline(*args, **kwargs) -> Metrics:
+        # KFP calls this with the parameters (as placeholders) in signature order
+        values = dict(zip([p.name for p in parameters], args)) | kwargs
+        tasks = {}
+        for spec in STAGES:
+            # `section.key=VALUE` lines; formatting a parameter gives a placeholder filled in at run time
+            settings = "\n".join(f"{key}={values[name_of[key]]}" for key in keys_of_sections(ALWAYS + spec.sections))
+            task = components[spec.name](settings=settings,
+                                         **{up: tasks[up].outputs[up] for up in spec.inputs})
+            task.set_display_name(spec.name)
+            task.set_caching_options(spec.cache)
+            if spec.training:
+                if run_cfg.accelerator_count > 0:
+                    task.set_accelerator_type(run_cfg.accelerator_type)
+                    task.set_accelerator_limit(run_cfg.accelerator_count)
+                    kubernetes.add_toleration(task, key=run_cfg.gpu_taint, operator="Exists", effect="NoSchedule")
+                task.set_cpu_request(run_cfg.cpu_request)
+                task.set_memory_request(run_cfg.memory_request)
+                if run_cfg.retries:
+                    task.set_retry(num_retries=run_cfg.retries, backoff_duration="30s")
+            tasks[spec.name] = task
+        return tasks["evaluate"].outputs["metrics"]
+
+    training_pipeline.__signature__ = inspect.Signature(
+        [inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default, annotation=p.type)
+         for p in parameters], return_annotation=Metrics)
+    training_pipeline.__annotations__ = {p.name: p.type for p in parameters} | {"return": Metrics}
+    return dsl.pipeline(name=PIPELINE_NAME, description="Distil a dense teacher into a sparse variational student, "
+                        "prune it, evaluate it (varstudent)")(training_pipeline)
+
+
+def compile_pipeline(params: Params, path: Path) -> Path:
+    """Write the pipeline's IR YAML (what `varstudent pipeline compile` and `submit` use)."""
+    from kfp import compiler
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(params), str(path))
+    return path

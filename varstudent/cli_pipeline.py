@@ -1,0 +1,200 @@
+"""`varstudent pipeline compile|run --local|submit|schedule`: the stages as one Kubeflow pipeline.
+
+The edge of the library towards kfp (imported only inside these commands): the pipeline itself is built in
+pipelines/training.py from the components in components/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import typer
+
+from varstudent.errors import ConfigError, ServiceError, VarstudentError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run the five stages as one Kubeflow pipeline: locally, on a cluster, on a schedule.")
+
+# the same options as the stage commands (varstudent.cli imports this module, so they are not imported from it)
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file (every setting lives here)")
+SetOpt = typer.Option(None, "--set", help="override one setting, e.g. --set distill.epochs=5 (repeatable)")
+OutOpt = typer.Option(Path("artifacts"), "--out", help="artifacts root; the compiled pipeline goes to OUT/kfp/")
+HostOpt = typer.Option(..., "--host", help="KFP API endpoint, e.g. http://localhost:8080 (port-forwarded "
+                       "ml-pipeline-ui)")
+ExperimentOpt = typer.Option("varstudent", "--experiment", help="KFP experiment the runs are filed under")
+AccountOpt = typer.Option("varstudent-pipeline", "--service-account",
+                          help="Kubernetes service account of the run's pods (infra/ creates this one)")
+
+
+def _load(params: Path, overrides: list[str] | None):
+    from varstudent.cli import _load as load
+
+    return load(params, overrides)
+
+
+class StageFailed(VarstudentError):
+    """A pipeline task failed; the message is the stage's own error line."""
+
+
+def default_package(out: Path) -> Path:
+    return out / "kfp" / "varstudent-training.yaml"
+
+
+@app.command("compile")
+def compile_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt,
+                    output: Path | None = typer.Option(None, "--output", help="IR YAML to write "
+                                                       "(default OUT/kfp/varstudent-training.yaml)"),
+                    out: Path = OutOpt) -> None:
+    """Write the pipeline's IR YAML; every stage setting is a parameter defaulting to params.yaml."""
+    from pipelines.training import compile_pipeline
+
+    path = compile_pipeline(_load(params, set_), output or default_package(out))
+    typer.echo(f"compiled {path}")
+
+
+class _TaskLog(io.TextIOBase):
+    """kfp.local prints each task's output here: keep its `varstudent: error:` lines, and pass through the
+    stage's log lines (all lines when verbose; the executor's JSON dumps otherwise drown them)."""
+
+    def __init__(self, target, verbose: bool) -> None:
+        self.target, self.verbose, self.error_lines, self._partial = target, verbose, [], ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            plain = line.strip()  # kfp.local indents a task's output
+            if plain.startswith("varstudent: error:"):
+                self.error_lines.append(plain)
+            if self.verbose or plain.startswith(("varstudent:", "[KFP Executor")):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+def run_local(params, root: Path, verbose: bool = False) -> Path:
+    """Run the whole DAG through kfp.local in this Python environment (offline; nothing installed) and
+    return the run's folder, ROOT/<run>/, which holds <task>/<output name> for every task."""
+    from kfp import local
+
+    from pipelines.training import build_pipeline
+
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    pipeline = build_pipeline(params)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    tee = _TaskLog(sys.stdout, verbose)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(tee):
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # it is our Python image
+        try:
+            result = pipeline()
+        except RuntimeError as exc:
+            if tee.error_lines:
+                raise StageFailed(tee.error_lines[-1].removeprefix("varstudent: error: ")) from None
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0])  # kfp.local colours its messages
+            raise StageFailed(f"the local pipeline run failed: {plain}") from None
+    return Path(result.output.path).parents[1]  # the pipeline's output is ROOT/<run>/evaluate/metrics
+
+
+def publish(run_dir: Path, out: Path) -> dict[str, Path]:
+    """Copy each stage's output folder of a local run to OUT/<stage>/, the layout `varstudent run`, dvc.yaml
+    and the README use (a stage's previous folder there is replaced)."""
+    import shutil
+
+    from components import STAGES
+
+    published = {}
+    for spec in STAGES:
+        target = out / spec.name
+        if target.exists():
+            shutil.rmtree(target)
+        published[spec.name] = Path(shutil.copytree(run_dir / spec.name / spec.name, target))
+    return published
+
+
+@app.command("run")
+def run_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt,
+                local_: bool = typer.Option(False, "--local", help="run through kfp.local in this environment"),
+                root: Path | None = typer.Option(None, "--root", help="local pipeline root "
+                                                  "(default kfp.pipeline_root)"),
+                verbose: bool = typer.Option(False, "--verbose", help="show every line the tasks print"),
+                out: Path = typer.Option(Path("artifacts"), "--out", help="each stage's outputs are copied to "
+                                         "OUT/<stage>/ as `varstudent run` writes them")) -> None:
+    """Run the pipeline locally (--local) and print the evaluate summary."""
+    if not local_:
+        raise ConfigError("`pipeline run` needs --local; use `varstudent pipeline submit --host URL` for a cluster")
+    from varstudent.artifacts import read_json
+    from varstudent.cli import summary_table
+
+    settings = _load(params, set_)
+    started = time.perf_counter()
+    run_dir = run_local(settings, root or Path(settings.kfp.pipeline_root), verbose)
+    folders = publish(run_dir, out)
+    typer.echo(summary_table(read_json(folders["evaluate"] / "metrics.json", "evaluate metrics")))
+    typer.echo(f"total {time.perf_counter() - started:.0f} s; report: {folders['evaluate'] / 'report.md'}; "
+               f"the run's artifacts: {run_dir}")
+
+
+def _client(host: str):
+    import kfp
+
+    try:
+        return kfp.Client(host=host)
+    except Exception as exc:  # kfp raises many kinds for a bad endpoint; the user needs the URL
+        raise ServiceError(f"cannot reach the KFP endpoint {host}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _package(params, out: Path) -> Path:
+    from pipelines.training import compile_pipeline
+
+    return compile_pipeline(params, default_package(out))
+
+
+@app.command("submit")
+def submit_command(host: str = HostOpt, params: Path = ParamsOpt, set_: list[str] | None = SetOpt,
+                   experiment: str = ExperimentOpt,
+                   run_name: str | None = typer.Option(None, "--run-name", help="default varstudent-<UTC time>"),
+                   service_account: str = AccountOpt, out: Path = OutOpt) -> None:
+    """Compile and start one run on a Kubeflow Pipelines cluster."""
+    settings = _load(params, set_)
+    package = _package(settings, out)
+    name = run_name or time.strftime("varstudent-%Y%m%d-%H%M%S", time.gmtime())
+    try:
+        result = _client(host).create_run_from_pipeline_package(
+            str(package), arguments={}, run_name=name, experiment_name=experiment, service_account=service_account)
+    except VarstudentError:
+        raise
+    except Exception as exc:
+        raise ServiceError(f"KFP at {host} refused the run: {str(exc).splitlines()[0][:200]}") from None
+    typer.echo(f"submitted run {name} ({result.run_id}) to {host}, experiment {experiment}")
+
+
+@app.command("schedule")
+def schedule_command(host: str = HostOpt,
+                     cron: str = typer.Option(..., "--cron", help="6-field cron (seconds first), e.g. '0 0 3 * * 1' "
+                                              "= Mondays 03:00"),
+                     params: Path = ParamsOpt, set_: list[str] | None = SetOpt, experiment: str = ExperimentOpt,
+                     job_name: str = typer.Option("varstudent-retraining", "--job-name"),
+                     service_account: str = AccountOpt, out: Path = OutOpt) -> None:
+    """A recurring run for scheduled retraining: at most one at a time, no catch-up of missed runs."""
+    if len(cron.split()) != 6:
+        raise ConfigError(f"--cron {cron!r}: KFP expects 6 fields (second minute hour day month weekday)")
+    settings = _load(params, set_)
+    package = _package(settings, out)
+    client = _client(host)
+    try:
+        experiment_id = client.create_experiment(name=experiment).experiment_id
+        job = client.create_recurring_run(experiment_id=experiment_id, job_name=job_name, cron_expression=cron,
+                                          max_concurrency=1, no_catchup=True, pipeline_package_path=str(package),
+                                          service_account=service_account)
+    except Exception as exc:
+        raise ServiceError(f"KFP at {host} refused the recurring run: {str(exc).splitlines()[0][:200]}") from None
+    typer.echo(f"scheduled {job_name} ({job.recurring_run_id}) on {host}: cron '{cron}', max concurrency 1, "
+               "no catch-up")
