@@ -51,7 +51,7 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], *fragments: str
 
 
 @pytest.fixture(scope="session")
-def postgres_url():
+def postgres_server_url():
     """A throwaway PostgreSQL on 127.0.0.1 for the whole session (tests/pg.py); skipped without the binaries."""
     from tests import pg
 
@@ -60,3 +60,11 @@ def postgres_url():
         pytest.skip(f"{why}: {pg.HINT}")
     with pg.postgres_server() as url:
         yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_server_url):
+    """A fresh, empty database on the session's server: MLflow and Optuna both keep an `alembic_version` table."""
+    from tests import pg
+
+    return pg.create_database(postgres_server_url)

@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL server for tests: initdb into a temp dir, listen on 127.0.0.1 only, stop and delete.
 
-Used through the session-scoped `postgres_url` fixture (tests/conftest.py). Needs the PostgreSQL server
-binaries (`initdb`, `pg_ctl`; Debian/Ubuntu: `apt-get install postgresql`, which `.ci/run` does) and the
+Used through the `postgres_url` fixture (tests/conftest.py): one server per session, a fresh database per
+test. Needs the PostgreSQL server binaries (`initdb`, `pg_ctl`; Debian/Ubuntu: `apt-get install postgresql`, which `.ci/run` does) and the
 `psycopg` driver (`pip install -e '.[postgres]'`); without them the tests that use it are skipped with that
 hint. PostgreSQL refuses to run as root: as root, the cluster is owned and run by the `postgres` (or
 `nobody`) user.
@@ -114,3 +114,16 @@ def _wait_ready(port: int, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def create_database(server_url: str) -> str:
+    """CREATE a new database on the server at `server_url`; its URL (same form)."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    port = int(server_url.rsplit(":", 1)[1].split("/")[0])
+    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
