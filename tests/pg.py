@@ -1,10 +1,10 @@
 """A throwaway PostgreSQL server for tests: initdb into a temp dir, listen on 127.0.0.1 only, stop and delete.
 
 Used through the `postgres_url` fixture (tests/conftest.py): one server per session, a fresh database per
-test. Needs the PostgreSQL server binaries (`initdb`, `pg_ctl`; Debian/Ubuntu: `apt-get install postgresql`, which `.ci/run` does) and the
-`psycopg` driver (`pip install -e '.[postgres]'`); without them the tests that use it are skipped with that
-hint. PostgreSQL refuses to run as root: as root, the cluster is owned and run by the `postgres` (or
-`nobody`) user.
+test. Needs the PostgreSQL server binaries (`initdb`, `pg_ctl`; Debian/Ubuntu: `apt-get install postgresql`,
+which `.ci/run` does) and the `psycopg` driver (`pip install -e '.[postgres]'`); without them the tests that
+use it are skipped with that hint. PostgreSQL refuses to run as root: as root, the cluster is owned and run by
+the `postgres` (or `nobody`) user.
 """
 
 from __future__ import annotations
