@@ -48,3 +48,23 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], *fragments: str
     assert len(errors) == 1, result.stderr[-2000:]
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url():
+    """A throwaway PostgreSQL on 127.0.0.1 for the whole session (tests/pg.py); skipped without the binaries."""
+    from tests import pg
+
+    why = pg.missing()
+    if why:
+        pytest.skip(f"{why}: {pg.HINT}")
+    with pg.postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_server_url):
+    """A fresh, empty database on the session's server: MLflow and Optuna both keep an `alembic_version` table."""
+    from tests import pg
+
+    return pg.create_database(postgres_server_url)

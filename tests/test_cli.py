@@ -47,12 +47,15 @@ def test_run_on_digits_end_to_end_with_tracking(tmp_path: Path) -> None:
     assert "## Exports" in (out / "evaluate/report.md").read_text()
     assert "compression:" in result.stdout and "compact student" in result.stdout
     assert "Compression vs the dense student" in (out / "evaluate/report.md").read_text()
-    # one MLflow run per stage, with its params and metrics, in the local sqlite store
+    # one parent MLflow run, one nested run per stage (register too), with params and metrics, in sqlite
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns.db")
     runs = mlflow.search_runs(experiment_names=["varstudent"], output_format="list")
-    assert sorted(r.info.run_name for r in runs) == sorted(["prepare", "teacher", "distill", "prune", "evaluate"])
+    assert sorted(r.info.run_name for r in runs) == sorted(["pipeline", "prepare", "teacher", "distill", "prune",
+                                                            "evaluate", "register"])
+    # this student loses more than register.max_accuracy_drop against its teacher: registered, not champion
+    assert "registered varstudent-student version 1 as challenger (max_accuracy_drop" in result.stdout
     distill_run = next(r for r in runs if r.info.run_name == "distill")
     assert distill_run.data.params["distill.kd_weight"] == "0.3"
     assert "sparsity_pct" in distill_run.data.metrics

@@ -38,6 +38,11 @@ def test_committed_params_yaml_is_valid_and_complete() -> None:
     ("prune.threshold=9", "prune.threshold: must be <= 8.0"),
     ("data.test_fraction=0", "data.test_fraction: must be > 0.0"),
     ("distill=3", "distill: expected a mapping"),
+    ("teacher.source=models:/varstudent-teacher", "teacher.source: unknown name 'models:/varstudent-teacher' "
+                                                  "(known: train, models:/NAME@ALIAS, models:/NAME/VERSION)"),
+    ("register.champion_rule=best", "register.champion_rule: must be one of balanced, accuracy, compression"),
+    ("register.max_accuracy_drop=2", "register.max_accuracy_drop: must be <= 1.0"),
+    ("register.min_compression=0.5", "register.min_compression: must be >= 1.0"),
     ("novalue", "--set expects section.key=value"),
     ("export.formats=[sparse,tflite]", "export.formats: unknown name 'tflite' (known: compact, compact_fp16, "
                                        "compact_bf16, sparse, onnx)"),

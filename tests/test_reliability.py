@@ -276,38 +276,27 @@ def test_a_failed_stage_leaves_the_previous_outputs_whole(tmp_path: Path, digits
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
 
 
-def test_a_tracking_server_that_dies_mid_run_is_one_clear_error() -> None:
+def test_a_tracking_server_that_dies_mid_run_is_one_clear_error(tmp_path: Path) -> None:
     from varstudent.config import load_params
     from varstudent.errors import ServiceError
     from varstudent.tracking import Tracker
 
-    class DeadAfterStart:  # the part of MLflow's API that Tracker uses; the server goes away after start_run
-        status = None
-
-        def start_run(self, run_name: str) -> None:
-            pass
-
-        def set_tags(self, tags) -> None:
-            pass
-
-        def log_params(self, params) -> None:
-            pass
-
-        def log_metrics(self, metrics) -> None:
-            raise ConnectionError("Max retries exceeded with url: /api/2.0/mlflow/runs/log-batch")
-
-        def end_run(self, status: str = "FINISHED") -> None:
-            self.status = status
-            raise ConnectionError("still down")
+    class DeadAfterStart:  # the MlflowClient the Tracker connected with; the server went away during the stage
+        def create_run(self, *args, **kwargs):
+            raise ConnectionError("Max retries exceeded with url: /api/2.0/mlflow/runs/create")
 
     params = load_params(None, ["tracking.enabled=false", "tracking.uri=http://me:pw@127.0.0.1:5000"])
     tracker = Tracker(params)
-    tracker.enabled, tracker.mlflow = True, DeadAfterStart()
-    with pytest.raises(ServiceError, match=r"MLflow tracking store http://me:\*\*\*@127.0.0.1:5000: could not log "
-                                           r"the teacher metrics .*Max retries exceeded"):
-        with tracker.stage("teacher") as logged:
+    tracker.enabled, tracker.client, tracker.experiment_id = True, DeadAfterStart(), "0"
+    dirs = {name: tmp_path / name for name in ("prepare", "teacher", "distill")}
+    with pytest.raises(ServiceError, match=r"MLflow tracking store http://me:\*\*\*@127.0.0.1:5000: logging the "
+                                           r"teacher run failed: Max retries exceeded"):
+        with tracker.stage("teacher", dirs) as logged:
+            dirs["teacher"].mkdir()
+            (dirs["teacher"] / "metrics.json").write_text("{}")
             logged["teacher_accuracy"] = 0.9
+    assert (dirs["teacher"] / "metrics.json").is_file()  # the stage's outputs stay; only the log is lost
+    assert not (dirs["teacher"] / "mlflow_run.json").exists()  # and no record claims a run that was not logged
     with pytest.raises(TrainingError, match="diverged"):  # the stage's own error wins over the dead server
-        with tracker.stage("distill"):
+        with tracker.stage("distill", dirs):
             raise TrainingError("diverged")
-    assert tracker.mlflow.status == "FAILED"

@@ -17,7 +17,7 @@ import optuna
 import pytest
 
 from tests.conftest import assert_clean_error, cli
-from tests.pg_server import free_port, postgres_server
+from tests.pg import free_port
 from varstudent import tune
 from varstudent.cli_tune import _Session
 from varstudent.config import TUNABLE, load_params
@@ -31,12 +31,6 @@ TINY = ["data.dataset=digits", "teacher.arch=mlp-64", "teacher.epochs=2", "stude
 
 def tiny(tmp: Path, *extra: str) -> list[str]:
     return [*TINY, f"tracking.uri=sqlite:///{tmp / 'mlruns.db'}", *extra]
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    with postgres_server() as url:
-        yield url
 
 
 def prepared_out(tmp: Path, digits_dir: Path) -> Path:

@@ -35,7 +35,7 @@ OutOpt = typer.Option(Path("artifacts"), "--out", help="artifacts root; each sta
 
 def stage_dirs(out: Path) -> dict[str, Path]:
     """The one place the artifact layout is defined: OUT/<stage>/."""
-    return {name: out / name for name in STAGES}
+    return {name: out / name for name in (*STAGES, "register")}
 
 
 def _load(params_file: Path, overrides: list[str] | None):
@@ -67,13 +67,15 @@ def call_stage(name: str, params, d: dict[str, Path], tracker=None, out: Path | 
                                              ckpt / "distill" if ckpt else None),
         "prune": lambda to: stages.prune(params, d["prepare"], d["distill"], to),
         "evaluate": lambda to: stages.evaluate(params, d["prepare"], d["teacher"], d["distill"], d["prune"], to),
+        "register": lambda to: stages.register(params, d["prepare"], d["teacher"], d["distill"], d["prune"],
+                                               d["evaluate"], to),
     }
     if tracker is None:
         from varstudent.tracking import Tracker
 
         tracker = Tracker(params)
     started = time.perf_counter()
-    with out_lock(out) if out else contextlib.nullcontext(), tracker.stage(name) as logged:
+    with out_lock(out) if out else contextlib.nullcontext(), tracker.stage(name, d) as logged:
         with staged(d[name]) if out else contextlib.nullcontext(d[name]) as to:
             metrics = calls[name](to)
         logged.update(metrics)
@@ -100,7 +102,7 @@ _stage_command("evaluate", "Accuracy, sparsity, compression, bytes, CPU throughp
 
 @app.command()
 def run(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, out: Path = OutOpt) -> None:
-    """Run all five stages in order and print the summary table."""
+    """Run all five stages in order (then `register` when tracking is on) and print the summary table."""
     from varstudent.tracking import Tracker
 
     settings = _load(params, set_)
@@ -109,10 +111,16 @@ def run(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, out: Path = O
     metrics: dict[str, Any] = {}
     from varstudent.outputs import out_lock
 
-    with out_lock(out):  # one lock for all five stages: no other run mixes its outputs into this one's
+    # one lock for all the stages: no other run mixes its outputs into this one's
+    with out_lock(out), tracker.pipeline():
         for name in STAGES:
             metrics = _call(name, settings, out, tracker)
+        decision = _call("register", settings, out, tracker) if settings.tracking.enabled else None
     typer.echo(summary_table(metrics))
+    if decision:
+        typer.echo(f"registered {decision['model']} version {decision['version']} as {decision['alias']}"
+                   + (f" ({decision['failed_rule']})" if decision.get("failed_rule") else "")
+                   + f"; MLflow took {tracker.seconds:.1f} s")
     typer.echo(f"total {time.perf_counter() - started:.0f} s; report: {stage_dirs(out)['evaluate'] / 'report.md'}")
 
 
@@ -143,6 +151,11 @@ def predict_command(
         typer.echo(json.dumps({"model": model, "format": net.export_format, "predictions": rows}, indent=1))
     else:
         typer.echo("\n".join(f"{r['index']}\t{r['class']}\t{r['probability']:.4f}" for r in rows))
+
+
+from varstudent.cli_mlflow import app as _mlflow_commands  # noqa: E402  (register, lineage)
+
+app.add_typer(_mlflow_commands)
 
 
 @app.command("params")

@@ -21,6 +21,7 @@ from varstudent.errors import ConfigError
 # names checked when params are read, so a typo fails before any stage spends time
 ARCH_PATTERN = r"mlp(-\d+)+|lenet-300-100|lenet5|vgg-like"
 DATASET_PATTERN = r"mnist|fashion-mnist|cifar10|mnist5k|digits|dir:.+"
+TEACHER_SOURCE_PATTERN = r"train|models:/[^/@]+(@[A-Za-z0-9_-]+|/\d+)"
 # upper bounds that catch a typo (an extra zero or two) before it turns into an out-of-memory crash or a
 # year-long run; far above anything this project trains
 MAX_WIDTH = 64.0
@@ -30,11 +31,12 @@ MAX_LOSS_WEIGHT = 1e6
 
 def _f(default: Any, why: str, *, lo: float | None = None, hi: float | None = None,
        lo_open: bool = False, choices: tuple[str, ...] | None = None, pattern: str | None = None,
-       allow_empty: bool = False) -> Any:
-    """A field with its reason and its valid range (lo/hi inclusive unless lo_open) or name pattern;
-    a list of names may be empty only with allow_empty."""
+       allow_empty: bool = False, known: str | None = None) -> Any:
+    """A field with its reason and its valid range (lo/hi inclusive unless lo_open) or name pattern (`known`:
+    how the error message lists the accepted names); a list of names may be empty only with allow_empty."""
     return field(default=default, metadata={"why": why, "lo": lo, "hi": hi, "lo_open": lo_open,
-                                            "choices": choices, "pattern": pattern, "allow_empty": allow_empty})
+                                            "choices": choices, "pattern": pattern, "allow_empty": allow_empty,
+                                            "known": known})
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class TeacherConfig:
     lr: float = _f(1e-3, "Adam learning rate", lo=0.0, hi=1.0, lo_open=True)
     lr_decay_start: float = _f(0.5, "fraction of `epochs` after which lr decays linearly to 0 (1 = never)",
                                lo=0.0, hi=1.0)
+    source: str = _f("train", "train | models:/NAME@ALIAS | models:/NAME/VERSION (reuse a registered teacher)",
+                     pattern=TEACHER_SOURCE_PATTERN, known="train, models:/NAME@ALIAS, models:/NAME/VERSION")
     nproc: int = _f(1, "processes for data-parallel training (torchrun + DDP; gloo on CPU, nccl on GPU)", lo=1)
 
 
@@ -219,6 +223,21 @@ class KfpConfig:
 
 
 @dataclass(frozen=True)
+class RegisterConfig:
+    max_accuracy_drop: float = _f(0.01, "the student may be at most this much less accurate than its teacher "
+                                  "(a fraction: 0.01 = one point)", lo=0.0, hi=1.0)
+    min_compression: float = _f(10.0, "teacher weights / nonzero weights of the compact student, at least",
+                                lo=1.0)
+    champion_rule: str = _f("balanced", "how a candidate beats the champion on the same test set: balanced = "
+                            "not less accurate by more than `tolerance` and at least as compressed, or strictly "
+                            "better on both; accuracy = more accurate by more than `tolerance`, or as accurate "
+                            "within it and more compressed; compression = more compressed and not less accurate "
+                            "by more than `tolerance`", choices=("balanced", "accuracy", "compression"))
+    tolerance: float = _f(0.002, "accuracy tolerance of the champion rule (a fraction)", lo=0.0, hi=1.0)
+    lock_lease_s: int = _f(600, "a registration lock older than this is taken as abandoned", lo=10)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = _f(0, "seeds torch, numpy and data splits", lo=0, hi=2**32 - 1)  # numpy's seed range
     data: DataConfig = field(default_factory=DataConfig)
@@ -236,6 +255,7 @@ class Params:
     tune: TuneConfig = field(default_factory=TuneConfig)
 
     kfp: KfpConfig = field(default_factory=KfpConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts and lists (tuples become lists), as YAML, JSON and MLflow want them."""
@@ -307,7 +327,8 @@ def _check_value(name: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{name}: must be one of {', '.join(meta['choices'])}; got {value!r}")
     if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
-        known = meta["pattern"].replace("(-\\d+)+", "-H1-H2-...").replace("|", ", ").replace(":.+", ":PATH")
+        known = meta.get("known") or \
+            meta["pattern"].replace("(-\\d+)+", "-H1-H2-...").replace("|", ", ").replace(":.+", ":PATH")
         raise ConfigError(f"{name}: unknown name {value!r} (known: {known})")
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):

@@ -154,8 +154,10 @@ def render_report(metrics: dict[str, Any], layers: list[dict[str, Any]], speed: 
 
 
 def save_plots(out_dir: Path, layers: list[dict[str, Any]], history: list[dict[str, float]],
-               kept_inputs: torch.Tensor | None, input_shape: list[int]) -> list[str]:
-    """Per-layer sparsity bars, the training curves and, for MLPs, the kept-input mask as an image."""
+               kept_inputs: torch.Tensor | None, input_shape: list[int],
+               log_alphas: list[torch.Tensor] | None = None, threshold: float = 3.0) -> list[str]:
+    """Per-layer sparsity bars, the training curves, the log alpha histograms and, for MLPs, the kept-input
+    mask as an image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,6 +195,20 @@ def save_plots(out_dir: Path, layers: list[dict[str, Any]], history: list[dict[s
         fig.savefig(out_dir / "training.png", dpi=100)
         plt.close(fig)
         names.append("training.png")
+
+    if log_alphas:
+        fig, axes = plt.subplots(1, len(log_alphas), figsize=(2.6 * len(log_alphas), 2.6), squeeze=False)
+        for i, (ax, values) in enumerate(zip(axes[0], log_alphas)):
+            ax.hist(values.flatten().numpy(), bins=60, range=(-8, 8), color="#8172b2")
+            ax.axvline(threshold, color="#c44e52", linestyle="--", linewidth=1)
+            ax.set_yscale("log")
+            ax.set_title(f"layer {i}", fontsize=9)
+            ax.set_xlabel("log alpha")
+        fig.suptitle(f"log alpha per layer (dropped at >= {threshold:g})", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out_dir / "log_alpha.png", dpi=100)
+        plt.close(fig)
+        names.append("log_alpha.png")
 
     if kept_inputs is not None:
         c, h, w = input_shape

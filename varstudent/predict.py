@@ -92,3 +92,16 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1000) -> 
     best, classes = probs.max(1)
     return [{"index": i, "class": int(k), "probability": float(p)}
             for i, (k, p) in enumerate(zip(classes.tolist(), best.tolist()))]
+
+
+@torch.no_grad()
+def class_table(model: torch.nn.Module, x: torch.Tensor) -> Any:
+    """A DataFrame, one row per sample: `class`, its `probability`, and every class's `probabilities`.
+
+    What the MLflow pyfunc of a varstudent model answers (also used to infer its signature when logged).
+    """
+    import pandas as pd
+
+    probs = torch.softmax(model(x), 1).double().numpy()
+    return pd.DataFrame({"class": probs.argmax(1).astype(np.int64), "probability": probs.max(1),
+                         "probabilities": list(probs)})

@@ -109,7 +109,8 @@ def _data(data_dir: Path, device: torch.device):
 
 
 def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path | None = None) -> dict[str, Any]:
-    """Train the dense teacher with cross-entropy; resumable from `checkpoint_dir` (one process only)."""
+    """Train the dense teacher with cross-entropy, resumable from `checkpoint_dir` (one process only); or take a
+    registered one (`teacher.source: models:/...`)."""
     from varstudent import distributed
 
     cfg, device = params.teacher, resolve_device(params.runtime.device)
@@ -117,6 +118,8 @@ def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path 
         return distributed.launch_teacher(params, data_dir, out_dir)
     seed_everything(params.seed, params.runtime.deterministic)
     data, x, y = _data(data_dir, device)
+    if cfg.source != "train":
+        return _registered_teacher(params, data, out_dir)
     spec = build_spec(cfg.arch, data.input_shape, data.num_classes, cfg.width, variational=False)
     model = build_model(spec).to(device)
 
@@ -140,6 +143,24 @@ def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path 
         checkpoint.clear()
     return _finish(out_dir, {"teacher_accuracy": test_acc, "teacher_weights": weight_count(spec),
                              "epochs_run": result.epochs_run, "train_seconds": result.seconds})
+
+
+def _registered_teacher(params: Params, data: Any, out_dir: Path) -> dict[str, Any]:
+    """The patent's point: a new student reuses the teacher, never retrains it. Copied into out_dir, checked."""
+    from varstudent.registry import fetch_teacher
+
+    (out_dir / "history.json").unlink(missing_ok=True)  # no training happened: no curve of an earlier one
+    source = fetch_teacher(params, out_dir)
+    net = load_model(out_dir, "teacher")
+    if net.spec["input_shape"] != list(data.input_shape) or net.spec["num_classes"] != data.num_classes:
+        raise ConfigError(f"the teacher {params.teacher.source} takes inputs {net.spec['input_shape']} with "
+                          f"{net.spec['num_classes']} classes; the data has {list(data.input_shape)} and "
+                          f"{data.num_classes}")
+    test_acc = accuracy(net, data.x_test, data.y_test)
+    log.info("teacher %s (version %s): test accuracy %.4f, not retrained", params.teacher.source,
+             source["teacher_model_version"], test_acc)
+    return _finish(out_dir, {"teacher_accuracy": test_acc, "teacher_weights": weight_count(net.spec),
+                             "epochs_run": 0, "train_seconds": 0.0, **source})
 
 
 def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path,
@@ -309,7 +330,10 @@ def evaluate(params: Params, data_dir: Path, teacher_dir: Path, student_dir: Pat
     history = read_json(history_path, "distill history") if history_path.is_file() else []
     kept = compact_net.input_index.cpu() if compact_net.input_index is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = save_plots(out_dir, layers, history, kept, data.manifest["input_shape"])
+    with torch.no_grad():
+        log_alphas = [layer.log_alpha.detach().cpu() for layer in variational_layers(student)]
+    plots = save_plots(out_dir, layers, history, kept, data.manifest["input_shape"], log_alphas,
+                       student.spec["threshold"])
     plots.append(save_export_plot(out_dir, rows))
     sparse_spec = compact_dir / "sparse.json"
     choices = read_json(sparse_spec, "sparse export spec").get("choices") \
@@ -320,3 +344,17 @@ def evaluate(params: Params, data_dir: Path, teacher_dir: Path, student_dir: Pat
     write_json(out_dir / "speed.json", speed)
     write_json(out_dir / "exports.json", rows)
     return _finish(out_dir, metrics)
+
+
+def register(params: Params, data_dir: Path, teacher_dir: Path, distill_dir: Path, prune_dir: Path,
+             evaluate_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Register the compact student in MLflow (`varstudent-student`); it takes the alias `champion` only if it
+    passes the gate in `register.*`, else `challenger` with the failed rule as a tag. Writes decision.json."""
+    from varstudent.registry import register_student
+
+    dirs = {"prepare": data_dir, "teacher": teacher_dir, "distill": distill_dir, "prune": prune_dir,
+            "evaluate": evaluate_dir, "register": out_dir}
+    decision = register_student(params, dirs, out_dir)
+    log.info("registered %s version %s as %s%s", decision["model"], decision["version"], decision["alias"],
+             f" ({decision['failed_rule']})" if decision["failed_rule"] else "")
+    return _finish(out_dir, {k: v for k, v in decision.items() if v is not None})
