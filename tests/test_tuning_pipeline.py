@@ -32,7 +32,9 @@ def ir(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_ir_fans_out_workers_then_picks_then_trains(ir: dict) -> None:
     tasks = ir["root"]["dag"]["tasks"]
     (loop_name,) = [name for name, task in tasks.items() if "parameterIterator" in task]
-    assert set(tasks) == {"prepare", "teacher", loop_name, "tune-pick", "distill", "prune", "evaluate"}
+    (branch_name,) = [name for name, task in tasks.items() if "triggerPolicy" in task]
+    assert set(tasks) == {"prepare", "teacher", loop_name, "tune-pick", "distill", "prune", "evaluate",
+                          branch_name}
     loop = tasks[loop_name]
     assert json.loads(loop["parameterIterator"]["items"]["raw"]) == [0, 1, 2]  # kfp.tune_workers
     assert loop["iteratorPolicy"]["parallelismLimit"] == 3  # all at once
@@ -50,6 +52,14 @@ def test_ir_fans_out_workers_then_picks_then_trains(ir: dict) -> None:
         loop_name
     assert tasks["distill"]["inputs"]["parameters"]["settings"] == \
         {"taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "tune-pick"}}
+    # the picked student is registered when tracking is on, its lineage from the pick's settings
+    branch = tasks[branch_name]
+    assert "tracking_enabled'] == true" in branch["triggerPolicy"]["condition"]
+    assert "evaluate" in branch["dependentTasks"]
+    register = ir["components"][branch["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(register) == {"register"}
+    assert register["register"]["inputs"]["parameters"]["settings"] == \
+        {"componentInputParameter": "pipelinechannel--tune-pick-Output"}
     deps = {name: sorted(tasks[name].get("dependentTasks", [])) for name in ("distill", "prune", "evaluate")}
     assert deps == {"distill": ["prepare", "teacher", "tune-pick"], "prune": ["distill", "prepare"],
                     "evaluate": ["distill", "prepare", "prune", "teacher"]}
@@ -144,6 +154,7 @@ def test_local_run_shares_one_study_and_trains_the_picked_trial(tmp_path: Path) 
 
     assert history(run / "distill" / "distill") == history(direct / "distill")
     assert (tmp_path / "published" / "evaluate" / "metrics.json").is_file()
+    assert not (run / "register").exists()  # tracking is off here: nothing to register into
     assert "the chosen trial's settings:" in result.stdout
 
 
