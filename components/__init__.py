@@ -24,6 +24,7 @@ class StageSpec:
     sections: tuple[str, ...]  # params sections this stage reads (plus ALWAYS); `train` (checkpoints) is CLI-only
     training: bool = False  # requests an accelerator, tolerates the GPU taint, retried
     cache: bool = False
+    tracked_only: bool = False  # only in pipelines built with tracking.enabled (it needs an MLflow registry)
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -33,6 +34,9 @@ STAGES: tuple[StageSpec, ...] = (
               training=True),
     StageSpec("prune", bodies.prune, ("prepare", "distill"), ("prune", "export")),
     StageSpec("evaluate", bodies.evaluate, ("prepare", "teacher", "distill", "prune"), ("evaluate",)),
+    StageSpec("register", bodies.register, ("prepare", "teacher", "distill", "prune", "evaluate"),
+              ("data", "validate", "teacher", "student", "distill", "prune", "export", "evaluate", "train", "register"),
+              tracked_only=True),  # every section: the version is tagged with the digest of all settings
 )
 
 

@@ -31,6 +31,8 @@ def build_pipeline(params: Params):
         values = dict(zip([p.name for p in parameters], args)) | kwargs
         tasks = {}
         for spec in STAGES:
+            if spec.tracked_only and not params.tracking.enabled:
+                continue
             # `section.key=VALUE` lines; formatting a parameter gives a placeholder filled in at run time
             settings = "\n".join(f"{key}={values[name_of[key]]}" for key in keys_of_sections(ALWAYS + spec.sections))
             task = components[spec.name](settings=settings,
