@@ -25,6 +25,7 @@ class StageSpec:
     sections: tuple[str, ...]  # params sections this stage reads (plus ALWAYS); `train` (checkpoints) is CLI-only
     training: bool = False  # requests an accelerator, tolerates the GPU taint, retried
     cache: bool = False
+    tracked_only: bool = False  # only in pipelines built with tracking.enabled (it needs an MLflow registry)
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -34,6 +35,9 @@ STAGES: tuple[StageSpec, ...] = (
               training=True),
     StageSpec("prune", bodies.prune, ("prepare", "distill"), ("prune", "export")),
     StageSpec("evaluate", bodies.evaluate, ("prepare", "teacher", "distill", "prune"), ("evaluate",)),
+    StageSpec("register", bodies.register, ("prepare", "teacher", "distill", "prune", "evaluate"),
+              ("data", "validate", "teacher", "student", "distill", "prune", "export", "evaluate", "train", "register"),
+              tracked_only=True),  # every section: the version is tagged with the digest of all settings
 )
 
 
@@ -47,17 +51,15 @@ def build_components(image: str) -> dict[str, Callable]:
     return {spec.name: dsl.component(spec.body, base_image=image, install_kfp_package=False) for spec in STAGES}
 
 
-# the tuning pipeline's own steps: study workers (each reads the stages' sections plus `tune`) and the pick,
-# which hands the chosen settings of these sections to distill and register
-TUNING_SECTIONS = ("data", "teacher", "student", "distill", "prune", "export", "evaluate", "register", "tune")
-# `varstudent register` (MLflow registry; needs tracking): the tuning pipeline registers the picked student.
-# Not in STAGES yet, so the training pipeline does not run it; moving it there would make both do so.
-REGISTER = StageSpec("register", tuning_bodies.register, ("prepare", "teacher", "distill", "prune", "evaluate"),
-                     ("register",))
+# the tuning pipeline's own steps: study workers and the pick read every stage's sections plus `tune`; the pick
+# hands the chosen settings to the stages that read the distill section (distill, register)
+TUNING_SECTIONS = tuple(dict.fromkeys(section for spec in STAGES for section in spec.sections)) + ("tune",)
+PICKED_SECTIONS = tuple(dict.fromkeys(ALWAYS + tuple(section for spec in STAGES if "distill" in spec.sections
+                                                     for section in spec.sections)))
 
 
 def build_tuning_components(image: str) -> dict[str, Callable]:
     from kfp import dsl
 
     return {body.__name__: dsl.component(body, base_image=image, install_kfp_package=False)
-            for body in (tuning_bodies.tune_worker, tuning_bodies.tune_pick, tuning_bodies.register)}
+            for body in (tuning_bodies.tune_worker, tuning_bodies.tune_pick)}

@@ -69,7 +69,7 @@ def run_tune_worker(settings: str, worker_index: int, workers: int, prepare: Any
 def run_tune_pick(settings: str, chosen: Any, metrics: Any) -> str:
     """`varstudent tune report` and `tune best` on the study: the Pareto report and best_params.yaml go into the
     `chosen` artifact; returns the chosen settings as the distill task's settings lines."""
-    from components import ALWAYS, STAGES, TUNING_SECTIONS
+    from components import PICKED_SECTIONS
     from varstudent.cli_tune import report_study, write_best
     from varstudent.pipeline_params import params_from_settings, settings_lines
 
@@ -80,5 +80,4 @@ def run_tune_pick(settings: str, chosen: Any, metrics: Any) -> str:
                                Path(chosen.path) / "best_params.yaml")
     for key in ("number", "val_accuracy", "compression"):
         metrics.log_metric(f"trial_{key}" if key == "number" else key, row[key])
-    distill = next(spec for spec in STAGES if spec.name == "distill")
-    return settings_lines(best, tuple(dict.fromkeys(ALWAYS + distill.sections + TUNING_SECTIONS[:-1])))
+    return settings_lines(best, PICKED_SECTIONS)

@@ -37,3 +37,10 @@ def evaluate(settings: str, prepare: Input[Dataset], teacher: Input[Model], dist
     from components.runtime import run_stage
     run_stage("evaluate", settings, {"prepare": prepare, "teacher": teacher, "distill": distill, "prune": prune},
               evaluate, metrics, report)
+
+
+def register(settings: str, prepare: Input[Dataset], teacher: Input[Model], distill: Input[Model],
+             prune: Input[Model], evaluate: Input[Artifact], register: Output[Artifact], metrics: Output[Metrics]):
+    from components.runtime import run_stage
+    run_stage("register", settings, {"prepare": prepare, "teacher": teacher, "distill": distill, "prune": prune,
+                                     "evaluate": evaluate}, register, metrics)

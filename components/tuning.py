@@ -19,9 +19,3 @@ def tune_pick(settings: str, trials_run: list[int], chosen: Output[Artifact], me
     print(f"varstudent: the workers ran {sum(ran)} trials ({ran})", flush=True)
     return run_tune_pick(settings, chosen, metrics)
 
-
-def register(settings: str, prepare: Input[Dataset], teacher: Input[Model], distill: Input[Model],
-             prune: Input[Model], evaluate: Input[Artifact], register: Output[Artifact], metrics: Output[Metrics]):
-    from components.runtime import run_stage
-    run_stage("register", settings, {"prepare": prepare, "teacher": teacher, "distill": distill, "prune": prune,
-                                     "evaluate": evaluate}, register, metrics)

@@ -30,6 +30,8 @@ def build_pipeline(params: Params):
         values = dict(zip([p.name for p in parameters], args)) | kwargs
         tasks = {}
         for spec in STAGES:
+            if spec.tracked_only and not params.tracking.enabled:
+                continue
             settings = settings_of(values, name_of, ALWAYS + spec.sections)
             tasks[spec.name] = add_stage_task(spec, components, tasks, settings, run_cfg)
         return tasks["evaluate"].outputs["metrics"]

@@ -1,17 +1,16 @@
 """The tuning pipeline: prepare -> teacher -> N tune_worker tasks (dsl.ParallelFor) sharing one Optuna study ->
-tune_pick (the `tune best` rule) -> distill with the chosen settings -> prune -> evaluate -> register (when
-tracking is on).
+tune_pick (the `tune best` rule) -> distill with the chosen settings -> prune -> evaluate -> register.
 
 The workers share the study through tune.storage, a database every worker pod reaches (PostgreSQL on a
 cluster; `pipeline run --local` puts a sqlite file in the local pipeline root when it is `auto`). Every stage
-after the teacher in `components.STAGES` follows the pick; `components.REGISTER` (not in STAGES yet: when it
-moves there, drop its explicit task below) registers the chosen student. N is kfp.tune_workers, fixed when the
-pipeline is compiled.
+after the teacher in `components.STAGES` follows the pick, `register` included when the pipeline is built with
+tracking on (as in the training pipeline), so the chosen student is registered. N is kfp.tune_workers, fixed
+when the pipeline is compiled.
 """
 
 from __future__ import annotations
 
-from components import ALWAYS, REGISTER, STAGES, TUNING_SECTIONS, build_components, build_tuning_components
+from components import ALWAYS, STAGES, TUNING_SECTIONS, build_components, build_tuning_components
 from pipelines.training import add_stage_task, request_training_resources, settings_of, with_parameters
 from varstudent.config import Params
 from varstudent.errors import ConfigError
@@ -66,14 +65,13 @@ def build_tuning_pipeline(params: Params):
         pick.set_caching_options(False)
         with_storage_password(pick, run_cfg.storage_secret)
         for spec in STAGES:
-            if spec.name not in UPSTREAM:
-                # distill trains the chosen trial's settings; the later stages read only their own sections
-                settings = pick.outputs["Output"] if spec.name == "distill" else \
-                    settings_of(values, name_of, ALWAYS + spec.sections)
-                tasks[spec.name] = add_stage_task(spec, components, tasks, settings, run_cfg)
-        # register needs MLflow: it runs when tracking is on, on the chosen settings (its lineage tags)
-        with dsl.If(values[name_of["tracking.enabled"]] == True, name="tracking-enabled"):  # noqa: E712
-            add_stage_task(REGISTER, components, tasks, pick.outputs["Output"], run_cfg)
+            if spec.name in UPSTREAM or (spec.tracked_only and not params.tracking.enabled):
+                continue
+            # distill trains the chosen trial's settings and register records them; the others read only
+            # their own sections
+            settings = pick.outputs["Output"] if "distill" in spec.sections else \
+                settings_of(values, name_of, ALWAYS + spec.sections)
+            tasks[spec.name] = add_stage_task(spec, components, tasks, settings, run_cfg)
         return tasks["evaluate"].outputs["metrics"]
 
     return dsl.pipeline(name=PIPELINE_NAME, description="An Optuna study of the distill settings on parallel "

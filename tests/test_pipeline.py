@@ -43,10 +43,11 @@ def ir(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_ir_has_the_stages_in_dependency_order(ir: dict) -> None:
     tasks = ir["root"]["dag"]["tasks"]
-    assert set(tasks) == {"prepare", "teacher", "distill", "prune", "evaluate"}
+    assert set(tasks) == {"prepare", "teacher", "distill", "prune", "evaluate", "register"}  # params.yaml tracks
     deps = {name: sorted(task.get("dependentTasks", [])) for name, task in tasks.items()}
     assert deps == {"prepare": [], "teacher": ["prepare"], "distill": ["prepare", "teacher"],
-                    "prune": ["distill", "prepare"], "evaluate": ["distill", "prepare", "prune", "teacher"]}
+                    "prune": ["distill", "prepare"], "evaluate": ["distill", "prepare", "prune", "teacher"],
+                    "register": ["distill", "evaluate", "prepare", "prune", "teacher"]}
     order = [spec.name for spec in STAGES]  # the table the pipeline is built from is a topological order
     assert all(order.index(dep) < order.index(name) for name, ds in deps.items() for dep in ds)
     # artifacts flow between tasks: distill reads the teacher task's Model
@@ -108,8 +109,9 @@ def test_compile_follows_set_overrides_for_defaults_and_image(tmp_path: Path) ->
     from pipelines.training import compile_pipeline
 
     params = load_params(REPO / "params.yaml", ["distill.kd_weight=0.7", "kfp.image=registry.local/vs:1",
-                                                "kfp.accelerator_count=0"])
+                                                "kfp.accelerator_count=0", "tracking.enabled=false"])
     ir = _read_ir(compile_pipeline(params, tmp_path / "p.yaml"))
+    assert "register" not in ir["root"]["dag"]["tasks"]  # registering needs MLflow tracking
     assert ir["root"]["inputDefinitions"]["parameters"]["distill_kd_weight"]["defaultValue"] == 0.7
     executors = ir["deploymentSpec"]["executors"].values()
     assert {ex["container"]["image"] for ex in executors} == {"registry.local/vs:1"}
@@ -160,7 +162,8 @@ def test_local_run_matches_the_cli_numbers(tmp_path: Path) -> None:
     # and the stage folders are published in `varstudent run`'s layout
     published = json.loads((tmp_path / "published/evaluate/metrics.json").read_text())
     assert published["compact_accuracy"] == expected["compact_accuracy"]
-    assert sorted(p.name for p in (tmp_path / "published").iterdir()) == sorted(s.name for s in STAGES)
+    untracked = sorted(s.name for s in STAGES if not s.tracked_only)  # TINY turns tracking (and register) off
+    assert sorted(p.name for p in (tmp_path / "published").iterdir()) == untracked
 
 
 @pytest.mark.slow

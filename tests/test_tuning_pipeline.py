@@ -32,9 +32,8 @@ def ir(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_ir_fans_out_workers_then_picks_then_trains(ir: dict) -> None:
     tasks = ir["root"]["dag"]["tasks"]
     (loop_name,) = [name for name, task in tasks.items() if "parameterIterator" in task]
-    (branch_name,) = [name for name, task in tasks.items() if "triggerPolicy" in task]
     assert set(tasks) == {"prepare", "teacher", loop_name, "tune-pick", "distill", "prune", "evaluate",
-                          branch_name}
+                          "register"}  # params.yaml has tracking on: the picked student is registered
     loop = tasks[loop_name]
     assert json.loads(loop["parameterIterator"]["items"]["raw"]) == [0, 1, 2]  # kfp.tune_workers
     assert loop["iteratorPolicy"]["parallelismLimit"] == 3  # all at once
@@ -52,14 +51,10 @@ def test_ir_fans_out_workers_then_picks_then_trains(ir: dict) -> None:
         loop_name
     assert tasks["distill"]["inputs"]["parameters"]["settings"] == \
         {"taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "tune-pick"}}
-    # the picked student is registered when tracking is on, its lineage from the pick's settings
-    branch = tasks[branch_name]
-    assert "tracking_enabled'] == true" in branch["triggerPolicy"]["condition"]
-    assert "evaluate" in branch["dependentTasks"]
-    register = ir["components"][branch["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(register) == {"register"}
-    assert register["register"]["inputs"]["parameters"]["settings"] == \
-        {"componentInputParameter": "pipelinechannel--tune-pick-Output"}
+    # register records the settings it was trained with: the pick's, like distill
+    assert tasks["register"]["inputs"]["parameters"]["settings"] == tasks["distill"]["inputs"]["parameters"][
+        "settings"]
+    assert "evaluate" in tasks["register"]["dependentTasks"]
     deps = {name: sorted(tasks[name].get("dependentTasks", [])) for name in ("distill", "prune", "evaluate")}
     assert deps == {"distill": ["prepare", "teacher", "tune-pick"], "prune": ["distill", "prepare"],
                     "evaluate": ["distill", "prepare", "prune", "teacher"]}

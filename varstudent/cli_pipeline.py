@@ -140,6 +140,8 @@ def publish(run_dir: Path, out: Path) -> dict[str, Path]:
 
     published = {}
     for spec in STAGES:
+        if not (run_dir / spec.name).is_dir():  # a stage the pipeline left out (register without tracking)
+            continue
         target = out / spec.name
         if target.exists():
             shutil.rmtree(target)

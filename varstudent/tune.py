@@ -174,7 +174,9 @@ def open_storage(params: Params, url: str,
         except Exception as exc:  # SQLAlchemy raises many kinds for an unreachable or refused database
             # workers started together on an empty database race to create optuna's tables: the losers
             # find them made by the winner when they try again
-            if "already exists" in str(exc) and attempt + 1 < SCHEMA_RACE_ATTEMPTS:
+            lost_race = any(sign in str(exc) for sign in ("already exists", "UNIQUE constraint failed",
+                                                           "duplicate key value"))
+            if lost_race and attempt + 1 < SCHEMA_RACE_ATTEMPTS:
                 time.sleep(0.5 * (attempt + 1))
                 continue
             raise ServiceError(f"Optuna storage {redact(url)} is not usable: "
