@@ -46,10 +46,13 @@ def _max_weight_diff(a: bytes, b: bytes) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/gpu-determinism")
+    parser.add_argument("--data", help="an already prepared digits folder (a GPU machine without the data "
+                        "validation stack); default: prepare it here")
     args = parser.parse_args()
     out = Path(args.out)
-    data = out / "prepare"
-    stages.prepare(load_params(None, BASE), data)
+    data = Path(args.data) if args.data else out / "prepare"
+    if not args.data:
+        stages.prepare(load_params(None, BASE), data)
     print(f"device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}, torch {torch.__version__}")
     for deterministic in ("true", "false"):
         a = _run(out / f"det-{deterministic}-a", data, [f"runtime.deterministic={deterministic}"])
