@@ -68,3 +68,12 @@ def postgres_url(postgres_server_url):
     from tests import pg
 
     return pg.create_database(postgres_server_url)
+
+
+def modules_loaded_by(imports: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The modules starting with any of `prefixes` that `import {imports}` loads, in a fresh interpreter."""
+    code = (f"import sys, {imports}; "
+            f"print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in {prefixes!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    return out.stdout.split()

@@ -8,7 +8,6 @@ import json
 import os
 import stat
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -328,8 +327,6 @@ def test_write_prepared_validates(tmp_path: Path, change, needle: str) -> None:
 
 def test_import_is_cheap() -> None:
     # Guards: importing varstudent.data pulls in no torch/sklearn/mlxtend (the CLI's startup time).
-    code = ("import sys, varstudent.data; "
-            "print([m for m in ('torch', 'sklearn', 'mlxtend', 'safetensors') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
-    assert out.stdout.strip() == "[]"
+    from tests.conftest import modules_loaded_by
+
+    assert modules_loaded_by("varstudent.data", ("torch", "sklearn", "mlxtend", "safetensors")) == []

@@ -398,11 +398,7 @@ def test_data_check_command_fails_bad_folders(tmp_path: Path) -> None:
 
 def test_great_expectations_is_imported_only_by_the_suite() -> None:
     # Guards: the CLI, the stages and prepare's data path load GX (~3 s, ~280 MB) only when the suite runs.
-    import subprocess
-    import sys
+    from tests.conftest import modules_loaded_by
 
-    code = ("import sys, varstudent.cli, varstudent.stages, varstudent.data.prepare, varstudent.data.profile; "
-            "print(sorted(m for m in sys.modules if m.startswith('great_expectations')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
-    assert out.stdout.strip() == "[]"
+    assert modules_loaded_by("varstudent.cli, varstudent.stages, varstudent.data.prepare, varstudent.data.profile",
+                             ("great_expectations",)) == []
