@@ -72,11 +72,28 @@ def request_training_resources(task, run_cfg: KfpConfig):
     return task
 
 
+# KFP v2 labels every pod of a run with its run id (the driver itself checks it); the stages tag their MLflow runs
+# with it. An env var from the pod, not a task input: an input that changes every run would defeat the caching of
+# prepare and teacher. kfp.local ignores it; `varstudent pipeline run --local` sets KFP_RUN_ID for its tasks.
+RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
+
+
+def expose_run_id(task):
+    """Give the task's container the KFP run id as $KFP_RUN_ID (varstudent.tracking tags every run with it)."""
+    from kfp import kubernetes
+
+    from varstudent.tracking import KFP_RUN_ID_ENV
+
+    kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ID_ENV, field_path=RUN_ID_FIELD)
+    return task
+
+
 def add_stage_task(spec: StageSpec, components: dict, tasks: dict, settings, run_cfg: KfpConfig):
     """The task of one stage, reading its upstream stages' output artifacts from `tasks`."""
     task = components[spec.name](settings=settings, **{up: tasks[up].outputs[up] for up in spec.inputs})
     task.set_display_name(spec.name)
     task.set_caching_options(spec.cache)
+    expose_run_id(task)
     if spec.training:
         request_training_resources(task, run_cfg)
     return task

@@ -11,7 +11,7 @@ when the pipeline is compiled.
 from __future__ import annotations
 
 from components import ALWAYS, STAGES, TUNING_SECTIONS, build_components, build_tuning_components
-from pipelines.training import add_stage_task, request_training_resources, settings_of, with_parameters
+from pipelines.training import add_stage_task, expose_run_id, request_training_resources, settings_of, with_parameters
 from varstudent.config import Params
 from varstudent.errors import ConfigError
 from varstudent.pipeline_params import pipeline_parameters
@@ -59,10 +59,12 @@ def build_tuning_pipeline(params: Params):
             worker.set_display_name("tune_worker")
             worker.set_caching_options(False)  # the study lives in the storage, not in the task's inputs
             request_training_resources(worker, run_cfg)
+            expose_run_id(worker)
             with_storage_password(worker, run_cfg.storage_secret)
         pick = components["tune_pick"](settings=study_settings, trials_run=dsl.Collected(worker.outputs["Output"]))
         pick.set_display_name("tune_pick")
         pick.set_caching_options(False)
+        expose_run_id(pick)
         with_storage_password(pick, run_cfg.storage_secret)
         for spec in STAGES:
             if spec.name in UPSTREAM or (spec.tracked_only and not params.tracking.enabled):

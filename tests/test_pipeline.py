@@ -4,6 +4,7 @@ default), a local kfp.local run that reproduces the CLI's numbers, a failing sta
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,18 @@ def test_ir_accelerators_tolerations_caching_retries_on_the_right_tasks(ir: dict
         assert "pip install" not in " ".join(executor["container"]["command"])
 
 
+def test_ir_gives_every_task_the_kfp_run_id_from_its_pod(ir: dict) -> None:
+    from pipelines.training import RUN_ID_FIELD
+
+    platform = ir["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(platform) == {f"exec-{name}" for name in ir["root"]["dag"]["tasks"]}
+    for name, spec in platform.items():
+        assert spec["fieldPathAsEnv"] == [{"name": "KFP_RUN_ID", "fieldPath": RUN_ID_FIELD}], name
+    # a pod field, not a task input: the cache key of prepare and teacher stays the same from run to run
+    for name, task in ir["root"]["dag"]["tasks"].items():
+        assert "pipeline_job_uuid" not in json.dumps(task), name
+
+
 def test_ir_has_every_setting_as_a_parameter_with_its_params_yaml_default(ir: dict) -> None:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     expected = {"seed": raw["seed"]}
@@ -164,6 +177,49 @@ def test_local_run_matches_the_cli_numbers(tmp_path: Path) -> None:
     assert published["compact_accuracy"] == expected["compact_accuracy"]
     untracked = sorted(s.name for s in STAGES if not s.tracked_only)  # TINY turns tracking (and register) off
     assert sorted(p.name for p in (tmp_path / "published").iterdir()) == untracked
+
+
+@pytest.mark.slow
+def test_a_tracked_local_run_is_one_parent_run_tagged_with_its_kfp_run_id(tmp_path: Path) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    tracked = [item for item in TINY if not item.startswith("tracking.")] + [
+        f"tracking.uri={uri}", "register.max_accuracy_drop=1", "register.min_compression=1"]
+    local = cli("pipeline", "run", "--local", *_sets(tracked), "--root", str(tmp_path / "root"), "--out",
+                str(tmp_path / "published"), cwd=tmp_path)
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    run_id = local.stdout.split("KFP run id (MLflow tag varstudent.kfp_run_id): ")[1].split()[0]
+    assert run_id.startswith("local-")
+    client = mlflow.MlflowClient(uri, uri)
+    runs = client.search_runs([client.get_experiment_by_name("varstudent").experiment_id])
+    tagged = [r for r in runs if r.data.tags.get("varstudent.kfp_run_id") == run_id]
+    assert len(tagged) == len(runs) == len(STAGES) + 1  # every task in its own process, one tree
+    (parent,) = [r for r in tagged if r.data.tags["varstudent.stage"] == "pipeline"]
+    assert parent.info.status == "FINISHED"  # closed by register, the last task
+    stages = {r.data.tags["varstudent.stage"]: r for r in tagged if r is not parent}
+    assert set(stages) == {spec.name for spec in STAGES}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in stages.values())
+    version = client.get_model_version_by_alias("varstudent-student", "champion")
+    assert version.tags["varstudent.kfp_run_id"] == run_id
+    assert "KFP_RUN_ID" not in os.environ
+
+
+def test_a_failing_kfp_task_marks_its_runs_parent_failed(tmp_path: Path) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    env = {"KFP_RUN_ID": "0b5e4c9a-run"}  # what a cluster's pod gets from its pipeline/runid label
+    sets = _sets(["data.dataset=digits", f"tracking.uri={uri}"])
+    assert cli("prepare", *sets, cwd=tmp_path, env=env).returncode == 0
+    failed = cli("distill", *sets, cwd=tmp_path, env=env)  # another task, another process: no teacher yet
+    assert_clean_error(failed, "teacher")
+    client = mlflow.MlflowClient(uri, uri)
+    runs = client.search_runs([client.get_experiment_by_name("varstudent").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags["varstudent.stage"] == "pipeline"]
+    assert parent.data.tags["varstudent.kfp_run_id"] == "0b5e4c9a-run" and parent.info.status == "FAILED"
+    (prepare,) = [r for r in runs if r.data.tags["varstudent.stage"] == "prepare"]
+    assert prepare.data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
 @pytest.mark.slow

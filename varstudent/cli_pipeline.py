@@ -12,6 +12,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -107,6 +108,26 @@ def local_study_storage(params, root: Path):
     return dataclasses.replace(params, tune=dataclasses.replace(params.tune, storage=url))
 
 
+@contextlib.contextmanager
+def local_run_id() -> Iterator[str]:
+    """A run id for a kfp.local run, in $KFP_RUN_ID while it runs: its tasks (subprocesses, which inherit the
+    environment) tag their MLflow runs with it as a cluster's tasks do with the pod's run id."""
+    import os
+    import uuid
+
+    from varstudent.tracking import KFP_RUN_ID_ENV
+
+    run_id, before = f"local-{uuid.uuid4()}", os.environ.get(KFP_RUN_ID_ENV)
+    os.environ[KFP_RUN_ID_ENV] = run_id
+    try:
+        yield run_id
+    finally:
+        if before is None:
+            os.environ.pop(KFP_RUN_ID_ENV, None)
+        else:
+            os.environ[KFP_RUN_ID_ENV] = before
+
+
 def run_local(params, root: Path, verbose: bool = False, pipeline_name: str = "training") -> Path:
     """Run the whole DAG through kfp.local in this Python environment (offline; nothing installed) and
     return the run's folder, ROOT/<run>/, which holds <task>/<output name> for every task."""
@@ -119,7 +140,7 @@ def run_local(params, root: Path, verbose: bool = False, pipeline_name: str = "t
     pipeline = _builder(pipeline_name)(params)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     tee = _TaskLog(sys.stdout, verbose)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(tee):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(tee), local_run_id() as run_id:
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # it is our Python image
         try:
             result = pipeline()
@@ -128,6 +149,8 @@ def run_local(params, root: Path, verbose: bool = False, pipeline_name: str = "t
                 raise StageFailed(tee.error_lines[-1].removeprefix("varstudent: error: ")) from None
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0])  # kfp.local colours its messages
             raise StageFailed(f"the local pipeline run failed: {plain}") from None
+    if params.tracking.enabled:
+        typer.echo(f"KFP run id (MLflow tag varstudent.kfp_run_id): {run_id}")
     return Path(result.output.path).parents[1]  # the pipeline's output is ROOT/<run>/evaluate/metrics
 
 

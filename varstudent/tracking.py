@@ -1,9 +1,11 @@
 """MLflow at the edge: lineage of every stage run. Imported only by the CLI and the registry.
 
-- `varstudent run` makes one parent run (`pipeline`) and one nested run per stage; a stage run alone (DVC, a
-  KFP task) makes one run. Every run is tagged with the git commit, a digest of the effective params, the KFP
-  run id when the environment gives one (`KFP_RUN_ID`), and the prepared dataset's digest; the dataset itself
-  is logged as an MLflow dataset input (digest, source, schema).
+- `varstudent run` makes one parent run (`pipeline`) and one nested run per stage; so does a Kubeflow run, whose
+  tasks run in separate pods: the first stage to log creates the parent, tagged with the KFP run id, and the
+  others find it by that tag (`register`, the last task, closes it). A stage run alone (DVC) makes one run.
+  Every run is tagged with the git commit, a digest of the effective params, the KFP run id when the
+  environment gives one (`KFP_RUN_ID`), and the prepared dataset's digest; the dataset itself is logged
+  as an MLflow dataset input (digest, source, schema).
 - The store is checked before any stage works (varstudent.services: bounded retries, one line naming the URI);
   a stage is logged *after* it has written its outputs (run start and end times are the stage's), so a store
   that fails later costs the log, never the outputs. `register` logs its model version into its own run.
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,6 +35,7 @@ STAGE_SECTIONS = {"prepare": ("data",), "teacher": ("data", "teacher"),
                   "register": ("data", "teacher", "student", "distill", "prune", "export", "register")}
 RUN_RECORD = "mlflow_run.json"
 KFP_RUN_ID_ENV = "KFP_RUN_ID"          # set by the Kubeflow pipeline's tasks
+SAFE_KFP_RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 GIT_COMMIT_ENV = "VARSTUDENT_GIT_COMMIT"  # for containers without a .git folder
 TAG = "varstudent."
 # evaluate draws the plots; each goes to the run of the stage whose output it shows
@@ -101,13 +105,19 @@ def git_commit() -> str:
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def kfp_run_id() -> str | None:
+    """The Kubeflow run this process is a task of: set from the pod's `pipeline/runid` label on a cluster
+    (pipelines/training.py) and by `varstudent pipeline run --local` for its tasks."""
+    return os.environ.get(KFP_RUN_ID_ENV) or None
+
+
 def lineage_tags(params: Params, dataset_digest: str | None) -> dict[str, str]:
     """The tags every run and every registered version carries."""
     tags = {f"{TAG}git_commit": git_commit(), f"{TAG}params_digest": params.digest()}
     if tags[f"{TAG}git_commit"] != "unknown":
         tags["mlflow.source.git.commit"] = tags[f"{TAG}git_commit"].removesuffix("-dirty")
-    if os.environ.get(KFP_RUN_ID_ENV):
-        tags[f"{TAG}kfp_run_id"] = os.environ[KFP_RUN_ID_ENV]
+    if kfp_run_id():
+        tags[f"{TAG}kfp_run_id"] = kfp_run_id()
     if dataset_digest:
         tags[f"{TAG}dataset_digest"] = dataset_digest
     return tags
@@ -186,13 +196,38 @@ class Tracker:
             self.client = client
         return self.client
 
+    def _create_parent(self, start_ms: int, tags: dict[str, str]) -> str:
+        parent = self.client.create_run(self.experiment_id, start_time=start_ms, run_name="pipeline",
+                                        tags={**tags, f"{TAG}stage": "pipeline"})
+        self.client.log_batch(parent.info.run_id, params=_params(flatten(self.params, STAGE_SECTIONS["register"])))
+        return parent.info.run_id
+
+    def _kfp_parents(self, kfp_run: str) -> list[str]:
+        """The parent run(s) of Kubeflow run `kfp_run`, oldest first."""
+        query = f"tags.`{TAG}kfp_run_id` = '{kfp_run}' and tags.`{TAG}stage` = 'pipeline'"
+        runs = self.client.search_runs([self.experiment_id], query, max_results=10)
+        return [run.info.run_id for run in sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))]
+
+    def _kfp_parent(self, kfp_run: str, start_ms: int, tags: dict[str, str]) -> str | None:
+        """This Kubeflow run's parent run: found by its tag, or created by the first stage that logs. Two tasks
+        that create one at once (parallel branches) both keep the oldest and the other is deleted."""
+        if not SAFE_KFP_RUN_ID.fullmatch(kfp_run):  # it goes into a search filter; KFP's ids are UUIDs
+            return None
+        found = self._kfp_parents(kfp_run)
+        if found:
+            return found[0]
+        mine = self._create_parent(start_ms, tags)
+        oldest = self._kfp_parents(kfp_run)[0]
+        if oldest != mine:
+            self.client.delete_run(mine)
+        return oldest
+
     def _create_run(self, name: str, start_ms: int, tags: dict[str, str]) -> str:
         client = self._connect()
-        if self.pipeline_started is not None and self.parent_id is None:
-            parent = client.create_run(self.experiment_id, start_time=self.pipeline_started, run_name="pipeline",
-                                       tags={**tags, f"{TAG}stage": "pipeline"})
-            self.parent_id = parent.info.run_id
-            client.log_batch(self.parent_id, params=_params(flatten(self.params, STAGE_SECTIONS["register"])))
+        if self.parent_id is None and self.pipeline_started is not None:
+            self.parent_id = self._create_parent(self.pipeline_started, tags)
+        elif self.parent_id is None and kfp_run_id():
+            self.parent_id = self._kfp_parent(kfp_run_id(), start_ms, tags)
         if self.parent_id:
             tags = {**tags, "mlflow.parentRunId": self.parent_id}
         return client.create_run(self.experiment_id, start_time=start_ms, run_name=name,
@@ -226,6 +261,26 @@ class Tracker:
             return
         started = _now_ms()
         manifest = _manifest(dirs["prepare"])
+        with self._kfp_run_failed_on_error():
+            yield from self._stage(name, dirs, record, metrics, started, manifest)
+
+    @contextmanager
+    def _kfp_run_failed_on_error(self) -> Iterator[None]:
+        """In a Kubeflow task a failing stage marks its run's parent FAILED (the process ends with the stage)."""
+        try:
+            yield
+        except BaseException:
+            kfp_run = kfp_run_id()
+            if self.pipeline_started is None and kfp_run and SAFE_KFP_RUN_ID.fullmatch(kfp_run):
+                try:  # the stage's error is what the user needs to see
+                    for parent in self._kfp_parents(kfp_run)[:1]:
+                        self.client.set_terminated(parent, "FAILED")
+                except Exception:  # noqa: BLE001
+                    pass
+            raise
+
+    def _stage(self, name: str, dirs: dict[str, Path], record: Path, metrics: dict[str, Any], started: int,
+               manifest: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
         if name == "register":  # it logs its model version into its own run: open the run first
             import mlflow
 
@@ -251,6 +306,8 @@ class Tracker:
             run_id = run_id or self._create_run(name, started, tags)
             extra = self._log_stage(run_id, name, dirs, metrics, manifest)
             self.client.set_terminated(run_id, "FINISHED")
+            if name == "register" and self.pipeline_started is None and self.parent_id:  # a Kubeflow run's end
+                self.client.set_terminated(self.parent_id, "FINISHED")
         from varstudent.fileio import write_json
 
         write_json(record, {"run_id": run_id, "experiment_id": self.experiment_id, "tracking_uri": self.uri,
