@@ -195,11 +195,14 @@ def save_plots(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> list[s
     if sparse_rows:
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / len(sparse_rows)
+        layers = 0
         for i, row in enumerate(sparse_rows):
             values = [float(v) for v in row["sparsity % per layer"].split("-")]
+            layers = max(layers, len(values))
             ax.bar([j + i * width for j in range(len(values))], values, width,
                    label=f"{row['method']} {row['dataset']}".strip())
-        ax.set_xlabel("layer")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(layers)], [str(j) for j in range(layers)])
+        ax.set_xlabel("layer (variational layers in order)")
         ax.set_ylabel("weights removed %")
         ax.set_ylim(0, 100)
         ax.legend(fontsize=7)
