@@ -1,0 +1,67 @@
+"""Accuracy vs compression of the rows of one or more `reproduce.py` runs, one colour per method family, each
+family's Pareto front drawn as a step line: the picture of "who wins at equal compression".
+
+    python benchmarks/front_plot.py docs/img/results/low-data-mnist5k_fronts.png \
+        benchmarks/out/a/results.json benchmarks/out/b/results.json \
+        --family "Sparse VD=^(sparse_vd|svd)" --family "VS=^vs" --title "MNIST-5k, 60 epochs"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (compression, accuracy) points no other point beats on both, by increasing compression."""
+    front = [p for p in points if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in points)]
+    return sorted(set(front))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("png", type=Path)
+    parser.add_argument("results", type=Path, nargs="+", help="results.json files of reproduce.py")
+    parser.add_argument("--family", action="append", required=True,
+                        help="LABEL=REGEX on the method name (split at the last =)")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args()
+    families = [(label, re.compile(pattern)) for label, _, pattern in (f.rpartition("=") for f in args.family)]
+    points: dict[str, list[tuple[float, float, str]]] = {label: [] for label, _ in families}
+    for path in args.results:
+        for row in json.loads(path.read_text())["rows"]:
+            label = next((lab for lab, rx in families if rx.search(row["method"])), None)
+            if label and row.get("x vs student"):
+                points[label].append((row["x vs student"], 100 - row["error %"], row["method"]))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (label, rows), colour in zip(points.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        if not rows:
+            continue
+        ax.scatter([r[0] for r in rows], [r[1] for r in rows], color=colour, s=30, label=label)
+        for x, y, name in rows:
+            ax.annotate(name, (x, y), fontsize=6, color="gray", xytext=(3, 3), textcoords="offset points")
+        front = pareto([(x, y) for x, y, _ in rows])
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=colour, alpha=0.6)
+        print(f"{label} front: " + ", ".join(f"{x:.0f}x {y:.1f}%" for x, y in front))
+    ax.set_xscale("log")
+    ax.set_xlabel("compression vs the dense student (weights / nonzero), log scale")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(args.title or "accuracy vs compression")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.png, dpi=100)
+    print(args.png)
+
+
+if __name__ == "__main__":
+    main()
