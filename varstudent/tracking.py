@@ -111,6 +111,12 @@ def kfp_run_id() -> str | None:
     return os.environ.get(KFP_RUN_ID_ENV) or None
 
 
+def searchable_kfp_run_id() -> str | None:
+    """The KFP run id when it is safe inside an MLflow search filter (KFP's ids are UUIDs), else None."""
+    run_id = kfp_run_id()
+    return run_id if run_id and SAFE_KFP_RUN_ID.fullmatch(run_id) else None
+
+
 def lineage_tags(params: Params, dataset_digest: str | None) -> dict[str, str]:
     """The tags every run and every registered version carries."""
     tags = {f"{TAG}git_commit": git_commit(), f"{TAG}params_digest": params.digest()}
@@ -208,11 +214,9 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], query, max_results=10)
         return [run.info.run_id for run in sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))]
 
-    def _kfp_parent(self, kfp_run: str, start_ms: int, tags: dict[str, str]) -> str | None:
+    def _kfp_parent(self, kfp_run: str, start_ms: int, tags: dict[str, str]) -> str:
         """This Kubeflow run's parent run: found by its tag, or created by the first stage that logs. Two tasks
         that create one at once (parallel branches) both keep the oldest and the other is deleted."""
-        if not SAFE_KFP_RUN_ID.fullmatch(kfp_run):  # it goes into a search filter; KFP's ids are UUIDs
-            return None
         found = self._kfp_parents(kfp_run)
         if found:
             return found[0]
@@ -226,8 +230,8 @@ class Tracker:
         client = self._connect()
         if self.parent_id is None and self.pipeline_started is not None:
             self.parent_id = self._create_parent(self.pipeline_started, tags)
-        elif self.parent_id is None and kfp_run_id():
-            self.parent_id = self._kfp_parent(kfp_run_id(), start_ms, tags)
+        elif self.parent_id is None and searchable_kfp_run_id():
+            self.parent_id = self._kfp_parent(searchable_kfp_run_id(), start_ms, tags)
         if self.parent_id:
             tags = {**tags, "mlflow.parentRunId": self.parent_id}
         return client.create_run(self.experiment_id, start_time=start_ms, run_name=name,
@@ -270,8 +274,8 @@ class Tracker:
         try:
             yield
         except BaseException:
-            kfp_run = kfp_run_id()
-            if self.pipeline_started is None and kfp_run and SAFE_KFP_RUN_ID.fullmatch(kfp_run):
+            kfp_run = searchable_kfp_run_id()
+            if self.pipeline_started is None and kfp_run:
                 try:  # the stage's error is what the user needs to see
                     for parent in self._kfp_parents(kfp_run)[:1]:
                         self.client.set_terminated(parent, "FAILED")
