@@ -9,6 +9,10 @@ the numbers are what `varstudent run` produces with the effective params file sa
     python benchmarks/reproduce.py mnist-mlp                     # quick form
     python benchmarks/reproduce.py mnist-mlp --full              # 200 epochs
     python benchmarks/reproduce.py mnist-mlp --only vs_bsr --variant vd3:distill.vd_weight=3 --reuse-teacher
+    python benchmarks/reproduce.py mnist-mlp --full --reuse-teacher --reuse-students  # students from a GPU
+
+`--reuse-students` takes students that benchmarks/gpu_students.py trained on a lent GPU (after checking they
+were trained with the row's settings and teacher) and runs prune / evaluate / exports here, on the CPU.
 
 Outputs (default benchmarks/out/<experiment>-<form>/): results.md (tables + anchors + targets), results.json,
 accuracy_vs_compression.png, sparsity_per_layer.png, kept_inputs.png (MNIST), and one folder per row.
@@ -82,7 +86,27 @@ def _teacher_row(teacher_dir: Path, label: str) -> dict[str, Any]:
             "seconds": m["train_seconds"], "epochs": m["epochs_run"]}
 
 
-def run_dataset(exp: Experiment, label: str, sets: list[str], out: Path, reuse: bool) -> list[dict[str, Any]]:
+# the settings a trained student depends on; a reused one must have been trained with these
+TRAINING_SECTIONS = ("seed", "data", "student", "distill")
+
+
+def reused_student(p: Params, distill_dir: Path, teacher_dir: Path) -> dict[str, Any] | None:
+    """The metrics of a student trained elsewhere (gpu_students.py) with these settings, None if there is none."""
+    if not (distill_dir / "metrics.json").is_file() or not (distill_dir / "params.yaml").is_file():
+        return None  # none there, or one whose settings were not recorded: train afresh
+    trained = yaml.safe_load((distill_dir / "params.yaml").read_text())
+    wanted = p.to_dict()
+    differ = [k for k in TRAINING_SECTIONS if trained.get(k) != wanted[k]]
+    teacher_sha = json.loads((teacher_dir / "teacher.json").read_text())["sha256"]
+    student_meta = json.loads((distill_dir / "student.json").read_text()).get("meta", {})
+    if differ or student_meta.get("teacher_sha256") != teacher_sha:
+        raise SystemExit(f"{distill_dir}: the student there was trained with other settings "
+                         f"({', '.join(differ) or 'another teacher'}); delete it or drop --reuse-students")
+    return json.loads((distill_dir / "metrics.json").read_text())
+
+
+def run_dataset(exp: Experiment, label: str, sets: list[str], out: Path, reuse: bool,
+                reuse_students: bool = False) -> list[dict[str, Any]]:
     """Prepare the data, train the teacher once, then one row per method."""
     base = effective_params(exp, sets, out)
     data_dir, teacher_dir = out / "prepare", out / "teacher"
@@ -104,7 +128,12 @@ def run_dataset(exp: Experiment, label: str, sets: list[str], out: Path, reuse: 
             row.update({"x vs student": 1.0, "x vs teacher": teacher["weights"] / row["weights"]})
         else:
             p = effective_params(exp, [*sets, *overrides], run_dir)
-            dist = stages.distill(p, data_dir, teacher_dir, run_dir / "distill")
+            dist = reused_student(p, run_dir / "distill", teacher_dir) if reuse_students else None
+            if dist is None:
+                dist = stages.distill(p, data_dir, teacher_dir, run_dir / "distill")
+            else:
+                print(f"[{label or exp.name}] {method}: student reused from {run_dir / 'distill'} "
+                      f"({dist['epochs_run']} epochs, {dist['train_seconds']:.0f} s)", flush=True)
             stages.prune(p, data_dir, run_dir / "distill", run_dir / "prune")
             ev = stages.evaluate(p, data_dir, teacher_dir, run_dir / "distill", run_dir / "prune",
                                  run_dir / "evaluate")
@@ -221,12 +250,14 @@ def save_plots(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> list[s
     return made
 
 
-def run_experiment(exp: Experiment, form: str, out: Path, extra: list[str], reuse: bool) -> list[dict[str, Any]]:
+def run_experiment(exp: Experiment, form: str, out: Path, extra: list[str], reuse: bool,
+                   reuse_students: bool = False) -> list[dict[str, Any]]:
     started = time.perf_counter()
     budget = exp.full if form == "full" else exp.quick
     rows: list[dict[str, Any]] = []
     for label, data_sets in exp.datasets.items():
-        rows += run_dataset(exp, label, [*BENCH_SETS, *budget, *data_sets, *extra], out / label, reuse)
+        rows += run_dataset(exp, label, [*BENCH_SETS, *budget, *data_sets, *extra], out / label, reuse,
+                            reuse_students)
     seconds = time.perf_counter() - started
     columns = ["dataset", "method", "error %", "nonzero", "x vs student", "x vs teacher", "bytes",
                "smallest export bytes", "footprint x vs teacher", "latency ms b1", "sparsity % per layer",
@@ -265,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--datasets", nargs="*", help="datasets to run (default: all of the experiment's)")
     parser.add_argument("--reuse-teacher", action="store_true",
                         help="keep prepared data, teachers and dense students already in the output folder")
+    parser.add_argument("--reuse-students", action="store_true",
+                        help="keep students already trained in ROW/distill (e.g. on a GPU by gpu_students.py), "
+                             "after checking they were trained with the same settings and teacher")
     args = parser.parse_args(argv)
     if args.list or not args.experiment:
         for path in sorted(EXPERIMENTS.glob("*.yaml")):
@@ -280,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.datasets:
         exp.datasets = {d: exp.datasets[d] for d in args.datasets}
     form = "full" if args.full else "quick"
-    run_experiment(exp, form, Path(args.out or f"benchmarks/out/{exp.name}-{form}"), args.set, args.reuse_teacher)
+    run_experiment(exp, form, Path(args.out or f"benchmarks/out/{exp.name}-{form}"), args.set, args.reuse_teacher,
+                   args.reuse_students)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,27 @@ def test_a_non_finite_loss_stops_with_where_and_which_term() -> None:
         fit(model, x, y, exploding, FitSettings(epochs=3, batch_size=50, lr=0.01, progress=False))
 
 
+def _subnormal() -> float:
+    return (torch.full((1,), 1e-30) * 1e-9).item()  # 1e-39 is below float32's smallest normal (1.2e-38)
+
+
+def test_subnormals_flush_to_zero_while_training_and_only_then() -> None:
+    x, y = _toy()
+    model = build_model(build_spec("mlp-8", (1, 2, 2), 2))
+    seen = []
+
+    def recording(m, logits, targets, index, epoch):
+        seen.append(_subnormal())
+        return _ce(m, logits, targets, index, epoch)
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    assert _subnormal() > 0
+    fit(model, x, y, recording, FitSettings(epochs=1, batch_size=50, lr=0.01, progress=False))
+    assert seen and all(v == 0.0 for v in seen)  # the slow subnormal path is never taken while training
+    assert _subnormal() > 0  # and the process's float semantics are back as they were
+
+
 def test_lr_decays_linearly_to_zero_after_the_start() -> None:
     s = FitSettings(epochs=10, batch_size=1, lr=1.0, lr_decay_start=0.5)
     assert [lr_factor(e, s) for e in (0, 4, 5, 6, 9)] == [1.0, 1.0, 1.0, 0.8, 0.2]

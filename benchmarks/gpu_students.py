@@ -1,0 +1,210 @@
+"""Train several students of one experiment in parallel on a lent GPU; prune and evaluate them here, on the CPU.
+
+The full budget (200 epochs) of `reproduce.py mnist-mlp` is ~25 minutes per student on the 2-core CPU
+machine, two hours for the table. A lent GPU has 15 minutes, no network, and takes at most 64 MiB along, so
+only the distill stage travels: the data is prepared and the teacher trained here, packed into `.gpu/`, and
+each row's `stages.distill` runs as its own process on the GPU (the MLP's steps are launch-bound, so
+several processes share the card). Pruning, the exports and the CPU latencies are measured back here, by
+`reproduce.py --reuse-students`, so every number in the table comes from the same machine as the others.
+
+    python benchmarks/reproduce.py mnist-mlp --full --out W --only             # here: data + teacher
+    python benchmarks/gpu_students.py pack W --out .gpu                          # here: 15 MiB
+    # on the GPU machine (device tool, carry .gpu), rows in priority order, NAME:key=v,key=v:
+    python benchmarks/gpu_students.py run .gpu --out $OUT --deadline 500 \\
+        --row sparse_vd:distill.kd_weight=0,distill.bsr_weight=0 --row vs_bsr: ...
+    # here: unpack the students into W/<row>/distill, then the table, plots and exports
+    python benchmarks/gpu_students.py unpack $FILES_AT --into W
+    python benchmarks/reproduce.py mnist-mlp --full --out W --reuse-teacher --reuse-students --only ...
+
+`run` writes, as it goes, summary.md (epochs done, seconds per epoch, test accuracy, sparsity) and one
+NAME.tar.gz per finished student into --out, so a run cut short still returns what it finished. When a
+row's projected finish passes --deadline (seconds after start), the lowest-priority row still training
+is stopped, which frees the GPU for the rows before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+EPOCH_LINE = re.compile(r"distill epoch (\d+)/(\d+) .*?seconds=([\d.e+-]+).*?test_accuracy=([\d.e+-]+)"
+                        r".*?sparsity_pct=([\d.e+-]+)")
+
+
+def pack(args: argparse.Namespace) -> None:
+    from safetensors.numpy import load_file
+
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((work / "prepare" / "manifest.json").read_text())
+    arrays = load_file(work / "prepare" / "data.safetensors")
+    np.savez_compressed(out / "data.npz", **arrays, dataset=np.array(manifest["dataset"]),
+                        sha256=np.array(manifest["sha256"]), classes=np.arange(manifest["num_classes"]))
+    shutil.rmtree(out / "teacher", ignore_errors=True)
+    shutil.copytree(work / "teacher", out / "teacher")
+    shutil.copyfile(work / "params.yaml", out / "params.yaml")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{out}: data ({manifest['n_train']} train / {manifest['n_test']} test), teacher, params.yaml; "
+          f"{size / 2**20:.1f} MiB")
+
+
+def one(args: argparse.Namespace) -> None:
+    """One student: the library's distill stage, nothing else (a child process of `run`)."""
+    import dataclasses
+    import logging
+
+    import yaml
+
+    from varstudent import stages
+    from varstudent.config import load_params
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    params = load_params(args.params, args.set)
+    metrics = stages.distill(params, Path(args.data), Path(args.teacher), Path(args.distill))
+    # what reproduce.py --reuse-students checks before it takes this student
+    (Path(args.distill) / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+    print("DONE", json.dumps(metrics), flush=True)
+
+
+def _progress(log: Path) -> list[tuple[int, int, float, float, float]]:
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return [(int(a), int(b), float(s), float(acc), float(sp)) for a, b, s, acc, sp in EPOCH_LINE.findall(text)]
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from varstudent.data import write_prepared
+
+    started = time.monotonic()
+    src, out = Path(args.packed), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="vs-gpu-"))
+    arrays = np.load(src / "data.npz")
+    manifest = write_prepared(work / "prepare", str(arrays["dataset"]), arrays["x_train"], arrays["y_train"],
+                              arrays["x_test"], arrays["y_test"], arrays["classes"].tolist())
+    info = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "same_data": manifest["sha256"] == str(arrays["sha256"]),
+            "rows": args.row, "parallel": len(args.row)}
+    (out / "info.json").write_text(json.dumps(info, indent=2))
+    print(json.dumps(info), flush=True)
+    if not info["same_data"]:
+        sys.exit("the prepared data written here differs from the packed one (sha256)")
+    threads = max(1, (os.cpu_count() or 2) // len(args.row))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    procs: dict[str, subprocess.Popen] = {}
+    state: dict[str, str] = {}
+    for text in args.row:
+        name, _, sets = text.partition(":")
+        cmd = [sys.executable, __file__, "one", "--params", str(src / "params.yaml"), "--data",
+               str(work / "prepare"), "--teacher", str(src / "teacher"), "--distill", str(work / name / "distill"),
+               *[a for s in sets.split(",") if s for a in ("--set", s)],
+               *[a for s in args.set for a in ("--set", s)]]
+        (work / name).mkdir(parents=True)
+        log = open(work / f"{name}.log", "w")  # noqa: SIM115 - the child writes it until it ends
+        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        state[name] = "training"
+    rates: dict[str, list[tuple[float, int]]] = {name: [] for name in procs}
+    while any(s == "training" for s in state.values()):
+        time.sleep(args.poll)
+        now = time.monotonic() - started
+        for name, proc in procs.items():
+            if state[name] != "training":
+                continue
+            epochs = _progress(work / f"{name}.log")
+            rates[name].append((now, len(epochs)))
+            if proc.poll() is not None:
+                state[name] = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+                if proc.returncode == 0:
+                    with tarfile.open(out / f"{name}.tar.gz", "w:gz") as tar:
+                        tar.add(work / name / "distill", arcname="distill")
+                else:
+                    shutil.copyfile(work / f"{name}.log", out / f"{name}.log")
+        # project each row's finish from its rate over the last minute; stop the lowest-priority row if late
+        late = []
+        for name in procs:
+            points = [p for p in rates[name] if p[0] >= now - 60] if state[name] == "training" else []
+            if len(points) >= 2 and points[-1][1] > points[0][1]:
+                per_epoch = (points[-1][0] - points[0][0]) / (points[-1][1] - points[0][1])
+                total = _progress(work / f"{name}.log")[-1][1]
+                if now + per_epoch * (total - points[-1][1]) > args.deadline:
+                    late.append(name)
+        training = [n for n in procs if state[n] == "training"]
+        if late and len(training) > 1:
+            victim = training[-1]
+            procs[victim].send_signal(signal.SIGTERM)
+            procs[victim].wait()
+            state[victim] = f"stopped at {now:.0f} s so that {', '.join(late)} could finish by the deadline"
+            rates = {n: [] for n in procs}  # the others speed up: measure afresh
+        write_summary(out, info, work, state, time.monotonic() - started)
+    write_summary(out, info, work, state, time.monotonic() - started)
+    print((out / "summary.md").read_text(), flush=True)
+
+
+def write_summary(out: Path, info: dict, work: Path, state: dict[str, str], seconds: float) -> None:
+    lines = [f"# {len(state)} students trained in parallel on {info['device']} (torch {info['torch']})", "",
+             f"{seconds:.0f} s since start.", "",
+             "| row | state | epochs | s/epoch (median) | test acc | sparsity % |", "|---|---|---|---|---|---|"]
+    for name, status in state.items():
+        epochs = _progress(work / f"{name}.log")
+        if epochs:
+            last = epochs[-1]
+            lines.append(f"| {name} | {status} | {last[0]}/{last[1]} | "
+                         f"{float(np.median([e[2] for e in epochs])):.2f} | {last[3]:.4f} | {last[4]:.1f} |")
+        else:
+            lines.append(f"| {name} | {status} | 0 | | | |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def unpack(args: argparse.Namespace) -> None:
+    into = Path(args.into)
+    for archive in sorted(Path(args.files).glob("*.tar.gz")):
+        name = archive.name.removesuffix(".tar.gz")
+        target = into / name
+        shutil.rmtree(target / "distill", ignore_errors=True)
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+        print(f"{archive} -> {target / 'distill'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="the prepared data, teacher and params of a reproduce.py folder")
+    p.add_argument("work")
+    p.add_argument("--out", required=True)
+    r = sub.add_parser("run", help="train the rows in parallel (on the GPU machine)")
+    r.add_argument("packed")
+    r.add_argument("--out", required=True)
+    r.add_argument("--row", action="append", required=True, help="NAME:key=v,key=v (highest priority first)")
+    r.add_argument("--set", action="append", default=[], help="override for every row")
+    r.add_argument("--deadline", type=float, default=500.0, help="seconds after start every row should end by")
+    r.add_argument("--poll", type=float, default=10.0)
+    o = sub.add_parser("one", help=argparse.SUPPRESS)
+    o.add_argument("--params", required=True)
+    o.add_argument("--data", required=True)
+    o.add_argument("--teacher", required=True)
+    o.add_argument("--distill", required=True)
+    o.add_argument("--set", action="append", default=[])
+    u = sub.add_parser("unpack", help="the students a run returned, into a reproduce.py folder")
+    u.add_argument("files")
+    u.add_argument("--into", required=True)
+    args = parser.parse_args()
+    {"pack": pack, "run": run, "one": one, "unpack": unpack}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
