@@ -131,6 +131,8 @@ def run_dataset(exp: Experiment, label: str, sets: list[str], out: Path, reuse: 
             dist = reused_student(p, run_dir / "distill", teacher_dir) if reuse_students else None
             if dist is None:
                 dist = stages.distill(p, data_dir, teacher_dir, run_dir / "distill")
+                atomic_write_bytes(run_dir / "distill" / "params.yaml",  # lets --reuse-students take it later
+                                   yaml.safe_dump(dataclasses.asdict(p), sort_keys=False).encode())
             else:
                 print(f"[{label or exp.name}] {method}: student reused from {run_dir / 'distill'} "
                       f"({dist['epochs_run']} epochs, {dist['train_seconds']:.0f} s)", flush=True)
