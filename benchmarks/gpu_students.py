@@ -20,6 +20,11 @@ several processes share the card). Pruning, the exports and the CPU latencies ar
 NAME.tar.gz per finished student into --out, so a run cut short still returns what it finished. When a
 row's projected finish passes --deadline (seconds after start), the lowest-priority row still training
 is stopped, which frees the GPU for the rows before it.
+
+Measured on an H200 (benchmarks/results/gpu-mnist-mlp-h200/): the MLP student's step is bound by kernel
+launches on the host (~10 ms for VS + BSR, README "Speed"), so six rows in parallel ran at 4-6 s an epoch each,
+barely slower than one alone - but a 200-epoch row needs ~20 minutes, more than one 10-minute device call.
+Rows of up to ~80 epochs fit a call; 200-epoch rows need a GPU node (or this CPU, ~20 min a row).
 """
 
 from __future__ import annotations
@@ -117,6 +122,7 @@ def run(args: argparse.Namespace) -> None:
         procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         state[name] = "training"
     rates: dict[str, list[tuple[float, int]]] = {name: [] for name in procs}
+    projected: dict[str, float] = {}  # seconds after start each row would end at its current rate
     while any(s == "training" for s in state.values()):
         time.sleep(args.poll)
         now = time.monotonic() - started
@@ -136,10 +142,12 @@ def run(args: argparse.Namespace) -> None:
         late = []
         for name in procs:
             points = [p for p in rates[name] if p[0] >= now - 60] if state[name] == "training" else []
-            if len(points) >= 2 and points[-1][1] > points[0][1]:
+            # at least 30 s of epochs at the current sharing before a rate is trusted
+            if len(points) >= 2 and points[-1][1] > points[0][1] and points[-1][0] - points[0][0] >= 30:
                 per_epoch = (points[-1][0] - points[0][0]) / (points[-1][1] - points[0][1])
                 total = _progress(work / f"{name}.log")[-1][1]
-                if now + per_epoch * (total - points[-1][1]) > args.deadline:
+                projected[name] = now + per_epoch * (total - points[-1][1])
+                if projected[name] > args.deadline:
                     late.append(name)
         training = [n for n in procs if state[n] == "training"]
         if late and len(training) > 1:
@@ -148,23 +156,26 @@ def run(args: argparse.Namespace) -> None:
             procs[victim].wait()
             state[victim] = f"stopped at {now:.0f} s so that {', '.join(late)} could finish by the deadline"
             rates = {n: [] for n in procs}  # the others speed up: measure afresh
-        write_summary(out, info, work, state, time.monotonic() - started)
-    write_summary(out, info, work, state, time.monotonic() - started)
+        write_summary(out, info, work, state, projected, time.monotonic() - started)
+    write_summary(out, info, work, state, projected, time.monotonic() - started)
     print((out / "summary.md").read_text(), flush=True)
 
 
-def write_summary(out: Path, info: dict, work: Path, state: dict[str, str], seconds: float) -> None:
+def write_summary(out: Path, info: dict, work: Path, state: dict[str, str], projected: dict[str, float],
+                  seconds: float) -> None:
     lines = [f"# {len(state)} students trained in parallel on {info['device']} (torch {info['torch']})", "",
              f"{seconds:.0f} s since start.", "",
-             "| row | state | epochs | s/epoch (median) | test acc | sparsity % |", "|---|---|---|---|---|---|"]
+             "| row | state | epochs | s/epoch (median) | test acc | sparsity % | projected end, s |",
+             "|---|---|---|---|---|---|---|"]
     for name, status in state.items():
         epochs = _progress(work / f"{name}.log")
         if epochs:
             last = epochs[-1]
             lines.append(f"| {name} | {status} | {last[0]}/{last[1]} | "
-                         f"{float(np.median([e[2] for e in epochs])):.2f} | {last[3]:.4f} | {last[4]:.1f} |")
+                         f"{float(np.median([e[2] for e in epochs])):.2f} | {last[3]:.4f} | {last[4]:.1f} | "
+                         f"{projected.get(name, float('nan')):.0f} |")
         else:
-            lines.append(f"| {name} | {status} | 0 | | | |")
+            lines.append(f"| {name} | {status} | 0 | | | | |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 

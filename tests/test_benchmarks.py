@@ -38,7 +38,7 @@ def test_a_student_trained_elsewhere_is_reused_only_with_its_own_settings(tmp_pa
     _gpu_students("pack", str(work), "--out", str(tmp_path / "packed"))
     run = _gpu_students("run", str(tmp_path / "packed"), "--out", str(tmp_path / "back"), "--row", "vs_bsr:",
                         "--set", "distill.epochs=2", "--poll", "0.5")
-    assert "| vs_bsr | done | 2/2 |" in run.stdout
+    assert "| vs_bsr | done | 2/2 |" in run.stdout  # the summary the GPU run returns
     _gpu_students("unpack", str(tmp_path / "back"), "--into", str(work))
     student = work / "vs_bsr" / "distill" / "student.safetensors"
     trained_at = student.stat().st_mtime_ns

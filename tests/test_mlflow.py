@@ -246,6 +246,29 @@ def test_registry_lock_waits_for_the_holder_and_breaks_an_abandoned_one(tmp_path
     assert client.search_registered_models() == []
 
 
+def test_registry_lock_retries_when_the_holder_releases_during_a_refused_create(tmp_path: Path) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from varstudent.registry import registry_lock
+
+    client = _client(f"sqlite:///{tmp_path}/lock.db")
+    real_create, calls = client.create_registered_model, []
+
+    def racing_create(name: str, **kwargs: Any) -> Any:
+        calls.append(name)
+        if len(calls) == 1:  # what MLflow raises when the holder deletes the lock between insert and its re-read
+            raise MlflowException(f"Registered Model with name={name} not found",
+                                  error_code=RESOURCE_DOES_NOT_EXIST)
+        return real_create(name, **kwargs)
+
+    client.create_registered_model = racing_create
+    with registry_lock(client, "m", lease_s=60):
+        assert [m.name for m in client.search_registered_models()] == ["m.register-lock"]
+    assert calls == ["m.register-lock", "m.register-lock"]
+    assert client.search_registered_models() == []
+
+
 @pytest.mark.slow
 def test_teacher_stage_reuses_the_registered_teacher(tracked: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "artifacts"

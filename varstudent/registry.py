@@ -207,6 +207,10 @@ def registry_lock(client: Any, model: str, lease_s: float, wait_s: float = 300) 
             client.create_registered_model(lock, description="held by a running `varstudent register`")
             break
         except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                # MLflow's sqlite store answers a duplicate name by reading the existing model to word its error;
+                # when the holder released the lock in between, that read fails with "not found": try again
+                continue
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:
