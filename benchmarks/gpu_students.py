@@ -67,7 +67,6 @@ def pack(args: argparse.Namespace) -> None:
 
 def one(args: argparse.Namespace) -> None:
     """One student: the library's distill stage, nothing else (a child process of `run`)."""
-    import dataclasses
     import logging
 
     import yaml
@@ -79,7 +78,7 @@ def one(args: argparse.Namespace) -> None:
     params = load_params(args.params, args.set)
     metrics = stages.distill(params, Path(args.data), Path(args.teacher), Path(args.distill))
     # what reproduce.py --reuse-students checks before it takes this student
-    (Path(args.distill) / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+    (Path(args.distill) / "params.yaml").write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
     print("DONE", json.dumps(metrics), flush=True)
 
 

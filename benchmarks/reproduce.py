@@ -75,8 +75,13 @@ def effective_params(exp: Experiment, sets: list[str], out: Path) -> Params:
         fragment.write(yaml.safe_dump(exp.params, sort_keys=False))
         fragment.flush()
         params = load_params(fragment.name, sets)
-    atomic_write_bytes(out / "params.yaml", yaml.safe_dump(dataclasses.asdict(params), sort_keys=False).encode())
+    save_params(params, out / "params.yaml")
     return params
+
+
+def save_params(params: Params, path: Path) -> None:
+    """A params file `varstudent run --params` (and `--reuse-students`' check) reads back."""
+    atomic_write_bytes(path, yaml.safe_dump(params.to_dict(), sort_keys=False).encode())
 
 
 def _teacher_row(teacher_dir: Path, label: str) -> dict[str, Any]:
@@ -131,8 +136,7 @@ def run_dataset(exp: Experiment, label: str, sets: list[str], out: Path, reuse: 
             dist = reused_student(p, run_dir / "distill", teacher_dir) if reuse_students else None
             if dist is None:
                 dist = stages.distill(p, data_dir, teacher_dir, run_dir / "distill")
-                atomic_write_bytes(run_dir / "distill" / "params.yaml",  # lets --reuse-students take it later
-                                   yaml.safe_dump(dataclasses.asdict(p), sort_keys=False).encode())
+                save_params(p, run_dir / "distill" / "params.yaml")  # lets --reuse-students take it later
             else:
                 print(f"[{label or exp.name}] {method}: student reused from {run_dir / 'distill'} "
                       f"({dist['epochs_run']} epochs, {dist['train_seconds']:.0f} s)", flush=True)

@@ -230,8 +230,8 @@ class Tracker:
         client = self._connect()
         if self.parent_id is None and self.pipeline_started is not None:
             self.parent_id = self._create_parent(self.pipeline_started, tags)
-        elif self.parent_id is None and searchable_kfp_run_id():
-            self.parent_id = self._kfp_parent(searchable_kfp_run_id(), start_ms, tags)
+        elif self.parent_id is None and (kfp_run := searchable_kfp_run_id()):
+            self.parent_id = self._kfp_parent(kfp_run, start_ms, tags)
         if self.parent_id:
             tags = {**tags, "mlflow.parentRunId": self.parent_id}
         return client.create_run(self.experiment_id, start_time=start_ms, run_name=name,

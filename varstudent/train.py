@@ -103,8 +103,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, set
     checkpoint is resumed: the loop continues exactly where it stopped (same RNG streams, same moments).
 
     Subnormal floats are flushed to zero while it runs (CPU): once a network fits its data, gradients and
-    Adam's moments underflow into subnormals, which x86 cores compute ~100x slower - a 200-epoch teacher's
-    epochs went from 8 s to 23 s. The flush is turned off again on return.
+    Adam's moments underflow into subnormals, which x86 cores compute ~100x slower - one cause of a
+    200-epoch teacher's epochs drifting from 6 s to ~30 s (README, "Long CPU runs"). Turned off on return.
     """
     torch.set_flush_denormal(True)  # a no-op returning False where the CPU has no flush-to-zero mode
     try:
