@@ -37,10 +37,11 @@ def read_json(path: Path, what: str) -> Any:
         raise ArtifactError(f"{what} is not valid JSON: {path}") from None
 
 
-def write_tensors(directory: Path, name: str, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> Path:
+def write_tensors(directory: Path, name: str, tensors: dict[str, torch.Tensor], doc: dict[str, Any],
+                  one_line: bool = False) -> Path:
     """Write NAME.safetensors, then NAME.json = doc + format_version, tensor shapes and sha256.
 
-    The JSON goes last: its presence marks a complete artifact.
+    The JSON goes last: its presence marks a complete artifact. `one_line` drops its indentation.
     """
     from safetensors.torch import save
 
@@ -50,7 +51,8 @@ def write_tensors(directory: Path, name: str, tensors: dict[str, torch.Tensor], 
     atomic_write_bytes(weights, blob)
     write_json(directory / f"{name}.json", {"format_version": FORMAT_VERSION, **doc,
                                             "tensors": {k: list(v.shape) for k, v in tensors.items()},
-                                            "sha256": hashlib.sha256(blob).hexdigest()})
+                                            "sha256": hashlib.sha256(blob).hexdigest()},
+               indent=None if one_line else 2)
     return weights
 
 

@@ -35,5 +35,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """Sorted keys; `indent=None` writes one line (for specs whose bytes are counted, e.g. the sparse export's)."""
+    separators = None if indent is not None else (",", ":")
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=True, separators=separators) + "\n").encode())
