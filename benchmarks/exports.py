@@ -53,7 +53,7 @@ def main() -> None:
     rows, metrics = median_rows(rounds)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads available; "
-          f"measured with {metrics['threads']} threads, {args.repeats} repeats after {args.warmup} warm-up runs")
+          f"measured with {rows[0]['threads']} threads, {args.repeats} repeats after {args.warmup} warm-up runs")
     if args.rounds > 1:
         print(f"{args.rounds} rounds: each speed below is the median over rounds, [min - max] the range")
     print(f"{'model':<18}{'bytes':>11}{'params':>11}{'nonzeros':>10}{'acc %':>8}{'b1 med ms':>11}{'b1 p95 ms':>11}"
