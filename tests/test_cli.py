@@ -57,7 +57,7 @@ def test_run_on_digits_end_to_end_with_tracking(tmp_path: Path) -> None:
     # this student loses more than register.max_accuracy_drop against its teacher: registered, not champion
     assert "registered varstudent-student version 1 as challenger (max_accuracy_drop" in result.stdout
     distill_run = next(r for r in runs if r.info.run_name == "distill")
-    assert distill_run.data.params["distill.kd_weight"] == "0.3"
+    assert distill_run.data.params["distill.kd_weight"] == "0.5"
     assert "sparsity_pct" in distill_run.data.metrics
 
 

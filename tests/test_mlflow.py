@@ -141,7 +141,7 @@ def test_lineage_prints_where_the_champion_came_from(tracked: dict[str, Any]) ->
     manifest = json.loads((tracked["out"] / "prepare/manifest.json").read_text())
     assert f"dataset_digest  {manifest['sha256'][:16]}" in result.stdout
     assert "git_commit" in result.stdout and "teacher_version 1" in result.stdout
-    assert "distill.kd_weight = 0.3" in result.stdout  # the params
+    assert "distill.kd_weight = 0.5" in result.stdout  # the params
     for stage in STAGES:
         run_id = json.loads((tracked["out"] / stage / "mlflow_run.json").read_text())["run_id"]
         assert f"{stage:<10}{run_id}  FINISHED" in result.stdout

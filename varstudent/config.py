@@ -91,12 +91,12 @@ class DistillConfig:
     lr: float = _f(1e-3, "Adam learning rate", lo=0.0, hi=1.0, lo_open=True)
     lr_decay_start: float = _f(0.5, "fraction of `epochs` after which lr decays linearly to 0 (1 = never)",
                                lo=0.0, hi=1.0)
-    kd_weight: float = _f(0.3, "lambda_T: weight of the teacher hint; 0 = no distillation", lo=0.0,
+    kd_weight: float = _f(0.5, "lambda_T: weight of the teacher hint; 0 = no distillation", lo=0.0,
                           hi=MAX_LOSS_WEIGHT)
-    temperature: float = _f(4.0, "T: softening temperature of the hint", lo=0.0, hi=1000.0, lo_open=True)
+    temperature: float = _f(2.0, "T: softening temperature of the hint", lo=0.0, hi=1000.0, lo_open=True)
     kd_direction: str = _f("teacher_student", "KL(teacher||student), the usual KD, or the paper's "
                            "KL(student||teacher)", choices=("teacher_student", "student_teacher"))
-    vd_weight: float = _f(1.0, "lambda_V: weight of the variational-dropout KL; 0 = no sparsification",
+    vd_weight: float = _f(1.5, "lambda_V: weight of the variational-dropout KL; 0 = no sparsification",
                           lo=0.0, hi=MAX_LOSS_WEIGHT)
     kl_warmup_epochs: int = _f(5, "beta rises linearly from 0 to 1 over this many epochs", lo=0, hi=MAX_EPOCHS)
     bsr_weight: float = _f(1e-5, "lambda_g: weight of the Block Sparse Regularizer; 0 = off", lo=0.0,
