@@ -283,6 +283,25 @@ def test_tampered_exports_are_clear_errors(exported: Path, fmt: str, damage, mes
     assert message in str(info.value)
 
 
+def test_a_sparse_export_written_before_the_gaps_were_coded_still_loads(exported: Path) -> None:
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        expected = load_export(exported, "sparse")(x)
+
+    def raw_gaps(tensors) -> None:  # the layout before: one plain byte per gap, no `streams` in the spec
+        for key in [k for k in tensors if k.endswith(".gaps")]:
+            entries = int(tensors[key.replace(".gaps", ".row_entries")].long().sum())
+            tensors[key] = torch.from_numpy(unpack_bytes(tensors[key].numpy(), entries, key).copy())
+
+    _rewrite_safetensors(exported, "sparse", raw_gaps)
+    _edit_json(exported, "sparse.json", lambda d: d.pop("streams"))
+    with torch.no_grad():
+        assert torch.equal(load_export(exported, "sparse")(x), expected)
+    _edit_json(exported, "sparse.json", lambda d: d.update(streams="zstd"))
+    with pytest.raises(ArtifactError, match="not a sparse export spec"):
+        load_export(exported, "sparse")
+
+
 def test_an_onnx_file_that_is_not_onnx(exported: Path) -> None:
     blob = b"not a protobuf at all"
     (exported / "model.onnx").write_bytes(blob)

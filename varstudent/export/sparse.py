@@ -43,7 +43,7 @@ from varstudent.nn.architectures import Net, run_chain
 NAME = "sparse"
 FILLER_STRIDE = 256  # the largest column advance one uint8 gap encodes
 CHOICE_RULE = "csr when its median time at batch 256 is below dense's, else dense; convolutions always dense"
-STREAMS = "lzma2-raw"  # how the gaps are stored (sparse.json's `streams`)
+STREAMS = "lzma2-raw"  # how the gaps are stored (sparse.json's `streams`; absent = raw bytes, exports before it)
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
@@ -241,7 +241,8 @@ def load_sparse(directory: Path) -> SparseNet:
         spec, choices = doc["spec"], doc["choices"]
         specs = spec["layers"]
         input_shape = [int(d) for d in spec["input_shape"]]
-        if doc["format"] != NAME or len(choices) != len(specs) or not specs or doc.get("streams") != STREAMS:
+        streams = doc.get("streams", "raw")  # sparse exports written before the gaps were coded still load
+        if doc["format"] != NAME or len(choices) != len(specs) or not specs or streams not in ("raw", STREAMS):
             raise ValueError("format, streams, or the number of layers and choices differ")
         expected = {"input_mask"} if doc["input_mask"] else set()
         for i, (layer, choice) in enumerate(zip(specs, choices)):
@@ -269,7 +270,8 @@ def load_sparse(directory: Path) -> SparseNet:
         k = layer["kernel"] if layer["kind"] == "conv" else 1
         shape = (layer["out"], layer["in"], k, k) if layer["kind"] == "conv" else (layer["out"], layer["in"])
         if choice["storage"] == "csr":
-            matrix = _decode_layer(tensors, i, (layer["out"], layer["in"] * k * k), f"{where}: layer {i}")
+            matrix = _decode_layer(tensors, i, (layer["out"], layer["in"] * k * k), streams == STREAMS,
+                                   f"{where}: layer {i}")
             weight = torch.from_numpy(matrix).reshape(shape)
         else:
             weight = tensors[f"layers.{i}.weight"].float()
@@ -281,11 +283,13 @@ def load_sparse(directory: Path) -> SparseNet:
     return SparseNet(spec, layers, input_index).eval()
 
 
-def _decode_layer(tensors: dict[str, torch.Tensor], i: int, shape: tuple[int, int], where: str) -> np.ndarray:
-    """One CSR-stored layer back to its dense float32 (out, n) matrix."""
+def _decode_layer(tensors: dict[str, torch.Tensor], i: int, shape: tuple[int, int], coded: bool,
+                  where: str) -> np.ndarray:
+    """One CSR-stored layer back to its dense float32 (out, n) matrix; `coded`: its gaps are LZMA2-packed."""
     row_entries = _tensor(tensors, f"layers.{i}.row_entries", where)
     if row_entries.shape != (shape[0],):  # its sum is the length the gap stream must inflate to
         raise ArtifactError(f"{where}: row_entries has shape {row_entries.shape}, the spec says ({shape[0]},)")
-    gaps = unpack_bytes(_tensor(tensors, f"layers.{i}.gaps", where), int(row_entries.astype(np.int64).sum()),
-                        f"{where}: gaps")
+    gaps = _tensor(tensors, f"layers.{i}.gaps", where)
+    if coded:
+        gaps = unpack_bytes(gaps, int(row_entries.astype(np.int64).sum()), f"{where}: gaps")
     return decode_csr(row_entries, gaps, _tensor(tensors, f"layers.{i}.values", where), shape, where)
