@@ -4,9 +4,6 @@ The KL touches every weight on every step with four transcendental functions; as
 elementwise kernels it was the largest cost of a CPU distillation epoch. One vectorized C loop computes the
 value and both gradients in a single pass. Needs a C compiler (cc/gcc); without one, or with
 VARSTUDENT_NO_KERNELS=1, the PyTorch path runs and results agree to float32 rounding.
-
-A large layer's weights are split into one contiguous chunk per torch thread (`vd_kl_threaded`): ctypes
-releases the GIL during each call, so the chunks run at once while torch's own threads wait for the next op.
 """
 
 from __future__ import annotations
@@ -19,15 +16,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
 log = logging.getLogger("varstudent")
 SOURCE = Path(__file__).with_name("vdkl.c")
 FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-shared"]
-MIN_CHUNK = 65_536  # weights per thread below which one thread is faster than handing work over
-_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _cache_dir() -> Path:
@@ -76,31 +70,3 @@ def vdkl_kernel():
     fn.restype = ctypes.c_double
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_float]
     return fn
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A pool per (process, size): a forked child (DDP, data workers) must not reuse its parent's dead threads."""
-    key = (os.getpid(), workers)
-    if key not in _pools:
-        _pools[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="varstudent-kl")
-    return _pools[key]
-
-
-def vd_kl_threaded(kernel, pointers: tuple[int, int, int, int], n: int, clip: float, threads: int) -> float:
-    """`kernel` over n float32 weights (pointers: weight, log_sigma2, grad_w, grad_log_sigma2) in up to
-    `threads` contiguous chunks, the first in this thread. Partial sums are added in chunk order, so the
-    same thread count gives the same bits on every run."""
-    chunks = max(1, min(threads, n // MIN_CHUNK))
-    if chunks == 1:
-        return kernel(*pointers, n, clip)
-    bounds = [n * i // chunks for i in range(chunks + 1)]
-
-    def run(i: int) -> float:
-        start = bounds[i]
-        return kernel(*(p + 4 * start for p in pointers), bounds[i + 1] - start, clip)  # 4 = sizeof(float)
-
-    others = [_pool(chunks - 1).submit(run, i) for i in range(1, chunks)]
-    total = run(0)
-    for future in others:
-        total += future.result()
-    return total

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varstudent.nn.kernels import vd_kl_threaded, vdkl_kernel
+from varstudent.nn.kernels import vdkl_kernel
 
 # -KL(q || log-uniform prior) ~= K1 * sigmoid(K2 + K3 * log_alpha) - 0.5 * log1p(exp(-log_alpha)) - K1
 # (Molchanov et al. 2017, eq. 14; the fit is accurate to 1e-2 over all log alpha).
@@ -43,8 +43,7 @@ class _LayerKL(torch.autograd.Function):
         if kernel is not None:  # one fused C pass computes the value and both gradients
             w, s = weight.detach().contiguous(), log_sigma2.detach().contiguous()
             grad_w, grad_s = torch.empty_like(w), torch.empty_like(s)
-            pointers = (w.data_ptr(), s.data_ptr(), grad_w.data_ptr(), grad_s.data_ptr())
-            kl = vd_kl_threaded(kernel, pointers, w.numel(), LOG_ALPHA_CLIP, torch.get_num_threads())
+            kl = kernel(w.data_ptr(), s.data_ptr(), grad_w.data_ptr(), grad_s.data_ptr(), w.numel(), LOG_ALPHA_CLIP)
             ctx.fused = True
             ctx.save_for_backward(grad_w, grad_s)
             return torch.tensor(kl, dtype=weight.dtype)
