@@ -54,3 +54,44 @@ def test_a_student_trained_elsewhere_is_reused_only_with_its_own_settings(tmp_pa
     with pytest.raises(SystemExit, match=r"trained with other settings \(distill\)"):
         reproduce.main(["mnist-mlp", "--out", str(work), "--only", "vs_bsr", "--reuse-teacher", "--reuse-students",
                         *DIGITS, "--set", "distill.epochs=3"])
+
+
+def _codebook_parity():
+    spec = importlib.util.spec_from_file_location("codebook_parity", REPO / "benchmarks" / "codebook_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_codebook_quantization_shares_values_and_keeps_zeros(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from tests.test_prune import randomly_sparse
+    from varstudent.artifacts import save_model
+    from varstudent.nn.architectures import build_model, build_spec
+    from varstudent.prune import compact
+
+    bench = _codebook_parity()
+    values = np.random.default_rng(0).standard_normal(5000)
+    centroids, index = bench.codebook(values, 15)
+    assert centroids.shape == (15,) and np.all(np.diff(centroids) > 0)
+    nearest = np.abs(values[:, None] - centroids[None].astype(np.float64)).argmin(1)
+    assert np.mean(index == nearest) > 0.999  # nearest centroid (ties at a midpoint aside)
+    grid = np.linspace(values.min(), values.max(), 15)  # Lloyd's starting point: its error only goes down
+    grid_error = np.mean((values - grid[np.abs(values[:, None] - grid[None]).argmin(1)]) ** 2)
+    assert np.mean((values - centroids[index]) ** 2) < 0.7 * grid_error
+    few = np.array([0.5, -1.0, 0.5, 2.0])
+    exact, which = bench.codebook(few, 15)  # fewer distinct values than levels: stored exactly
+    assert np.array_equal(exact[which], few.astype(np.float32))
+
+    net = build_model(build_spec("mlp-40-20", (1, 8, 8), 10, variational=True))
+    randomly_sparse(net, 0.3)
+    small = compact(net.eval())
+    save_model(small, tmp_path, "compact")
+    shared, payload = bench.quantized(tmp_path, 3)
+    assert payload > 0
+    for before, after in zip(small.blocks, shared.blocks):
+        w, q = before.op.weight.detach(), after.op.weight.detach()
+        assert torch.equal(w == 0, q == 0)  # zeros stay zero, kept weights stay kept
+        assert len(torch.unique(q[q != 0])) <= 7  # 3 bits: code 0 is zero, 7 shared values
