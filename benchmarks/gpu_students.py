@@ -69,8 +69,6 @@ def one(args: argparse.Namespace) -> None:
     """One student: the library's distill stage, nothing else (a child process of `run`)."""
     import logging
 
-    import yaml
-
     from varstudent import stages
     from varstudent.config import load_params
 
@@ -78,7 +76,7 @@ def one(args: argparse.Namespace) -> None:
     params = load_params(args.params, args.set)
     metrics = stages.distill(params, Path(args.data), Path(args.teacher), Path(args.distill))
     # what reproduce.py --reuse-students checks before it takes this student
-    (Path(args.distill) / "params.yaml").write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+    (Path(args.distill) / "params.yaml").write_text(params.to_yaml())
     print("DONE", json.dumps(metrics), flush=True)
 
 

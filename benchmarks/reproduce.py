@@ -81,7 +81,7 @@ def effective_params(exp: Experiment, sets: list[str], out: Path) -> Params:
 
 def save_params(params: Params, path: Path) -> None:
     """A params file `varstudent run --params` (and `--reuse-students`' check) reads back."""
-    atomic_write_bytes(path, yaml.safe_dump(params.to_dict(), sort_keys=False).encode())
+    atomic_write_bytes(path, params.to_yaml().encode())
 
 
 def _teacher_row(teacher_dir: Path, label: str) -> dict[str, Any]:

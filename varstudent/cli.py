@@ -161,9 +161,8 @@ app.add_typer(_mlflow_commands)
 @app.command("params")
 def show_params(params: Path = ParamsOpt, set_: list[str] | None = SetOpt) -> None:
     """Validate the params file and print the effective settings."""
-    import yaml
 
-    typer.echo(yaml.safe_dump(_load(params, set_).to_dict(), sort_keys=False).rstrip())
+    typer.echo(_load(params, set_).to_yaml().rstrip())
 
 
 def summary_table(m: dict[str, Any]) -> str:

@@ -121,7 +121,6 @@ def run_worker(settings, out: Path, prepared: Path, teacher: Path, worker_index:
 def write_best(settings, out: Path, max_accuracy_drop: float, to: Path) -> tuple[dict[str, Any], Any]:
     """Pick the trade-off trial of the study and write its settings to `to` as a params file; returns the
     trial's row and its Params (`tune best`, and the tune_pick task of the tuning pipeline)."""
-    import yaml
 
     from varstudent import tune
     from varstudent.fileio import atomic_write_bytes
@@ -135,7 +134,7 @@ def write_best(settings, out: Path, max_accuracy_drop: float, to: Path) -> tuple
               f"{chosen['number']}: validation accuracy {100 * chosen['val_accuracy']:.2f}%, compression "
               f"{chosen['compression']:.1f}x (max accuracy drop {max_accuracy_drop} points)\n")
     to.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(to, (header + yaml.safe_dump(best.to_dict(), sort_keys=False)).encode())
+    atomic_write_bytes(to, (header + best.to_yaml()).encode())
     typer.echo(f"trial {chosen['number']}: validation accuracy {100 * chosen['val_accuracy']:.2f}%, "
                f"compression {chosen['compression']:.1f}x -> {to}")
     return chosen, best

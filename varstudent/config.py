@@ -266,6 +266,12 @@ class Params:
 
         return plain(dataclasses.asdict(self))
 
+    def to_yaml(self) -> str:
+        """A params file that `--params` reads back to the same settings (sections in their declared order)."""
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def digest(self) -> str:
         """A short hash of the effective settings, for lineage tags."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()

@@ -214,8 +214,7 @@ def write_sparse(net: Net, directory: Path, values_dtype: str = "float32", repea
             tensors[f"layers.{i}.weight"] = torch.from_numpy(matrix.astype(vdtype)).reshape(layer.weight.shape)
         tensors[f"layers.{i}.bias"] = layer.bias
         choice: dict[str, Any] = {"storage": storage, "csr_bytes": int(csr_bytes), "dense_bytes": int(dense_bytes),
-                                  "nonzero": int(np.count_nonzero(matrix)), "weights": int(matrix.size),
-                                  "entries": int(csr["gaps"].size)}
+                                  "nonzero": int(np.count_nonzero(matrix)), "weights": int(matrix.size)}
         if layer.kind == "linear":
             rounded = torch.from_numpy(matrix.astype(vdtype).astype(np.float32))
             choice.update(time_linear(rounded, layer.bias, repeats))
