@@ -124,6 +124,31 @@ def test_the_csr_kernels_compute_the_same_function(tmp_path: Path, monkeypatch: 
             torch.testing.assert_close(model(batch), reference[:batch.shape[0]], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch, shape, column_blocks", [("mlp-40-20", (1, 8, 8), 3), ("lenet5", (1, 28, 28), 2),
+                                                         ("vgg-like", (3, 32, 32), 1)])
+def test_inference_runs_the_linear_tail_on_transposed_activations(
+        arch: str, shape: tuple[int, int, int], column_blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from varstudent.nn.architectures import Block
+
+    net = build_model(build_spec(arch, shape, 10, width=0.25))
+    x = torch.rand(32, *shape)
+    calls = []
+    original = Block.forward_columns
+    monkeypatch.setattr(Block, "forward_columns", lambda self, h: calls.append(h.shape) or original(self, h))
+    with torch.no_grad():
+        net.train()  # training keeps the (B, features) layout, batch norm needs it
+        rows = net(x)
+        assert not calls
+        net.eval()
+        columns = net(x)
+    # the plain linear tail runs as W @ H: all of an MLP, LeNet-5's two fc layers, vgg-like's last layer only
+    # (its fc layer before has batch norm)
+    assert len(calls) == column_blocks and all(c[1] == 32 for c in calls)
+    assert columns.is_contiguous() and columns.shape == (32, 10)
+    if arch != "vgg-like":  # no batch norm: train and eval compute the same function
+        torch.testing.assert_close(columns, rows, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("density", [0.0, 0.001, 0.05, 1.0])
 def test_csr_with_one_byte_indices_round_trips(density: float) -> None:
     rng = np.random.default_rng(1)

@@ -15,9 +15,10 @@ bits of information on the MNIST student, and the coder gets within 5 % of that 
 Compression's Huffman stage does, done by a stock coder): 10,819 gap bytes of the 40-epoch student's first
 layer are stored in 4,625.
 
-Execution: a linear layer runs as CSR (torch.addmm with a sparse CSR matrix) or dense (F.linear), whichever was
-faster at batch 256 when the export was written (both timed at batch 1 and 256 with warm-up and repeats; the
-times and the choice are recorded in sparse.json). Convolutions are decompressed to dense at load and run with
+Execution: a linear layer runs as CSR (torch.addmm with a sparse CSR matrix) or dense (torch.addmm), both on
+the transposed activations W @ H (run_chain), whichever was faster at batch 256 when the export was written
+(both timed at batch 1 and 256 with warm-up and repeats; the times and the choice are recorded in sparse.json).
+Convolutions are decompressed to dense at load and run with
 F.conv2d: torch has no sparse convolution kernel on the CPU, so for them CSR is a storage format only.
 """
 
@@ -134,9 +135,9 @@ def time_linear(weight: torch.Tensor, bias: torch.Tensor, repeats: int) -> dict[
     csr = _csr(weight)
     ms: dict[str, dict[str, float]] = {"dense": {}, "csr": {}}
     for batch in (1, 256):
-        x = torch.rand(batch, weight.shape[1])
-        ms["dense"][f"b{batch}"] = _median_ms(lambda v: F.linear(v, weight, bias), x, repeats)
-        ms["csr"][f"b{batch}"] = _median_ms(lambda v: torch.addmm(bias[:, None], csr, v.t()).t(), x, repeats)
+        x = torch.rand(batch, weight.shape[1])  # timed as run_chain runs them: on transposed activations
+        ms["dense"][f"b{batch}"] = _median_ms(lambda v: torch.addmm(bias[:, None], weight, v.t()), x, repeats)
+        ms["csr"][f"b{batch}"] = _median_ms(lambda v: torch.addmm(bias[:, None], csr, v.t()), x, repeats)
     execution = "csr" if ms["csr"]["b256"] < ms["dense"]["b256"] else "dense"
     return {"execution": execution, "ms": ms}
 
@@ -158,13 +159,18 @@ class SparseLayer(nn.Module):
         self.csr = _csr(weight) if execution == "csr" else None
         self.weight = None if execution == "csr" else weight
 
+    def columns_ready(self) -> bool:
+        return self.kind == "linear"
+
+    def forward_columns(self, h: torch.Tensor) -> torch.Tensor:
+        """(in, B) -> (out, B): CSR or dense W (out, in) @ h, the form both kernels were timed in."""
+        h = torch.addmm(self.bias[:, None], self.csr if self.csr is not None else self.weight, h)
+        return torch.relu_(h) if self.relu else h  # h is addmm's fresh output
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.csr is not None:  # W (out, in) CSR @ x^T (in, B) -> (out, B), transposed back to (B, out)
-            x = torch.addmm(self.bias[:, None], self.csr, x.t()).t()
-        elif self.kind == "linear":
-            x = F.linear(x, self.weight, self.bias)
-        else:
-            x = F.conv2d(x, self.weight, self.bias, padding=self.padding)
+        if self.kind == "linear":  # run_chain calls forward_columns itself; this is for a layer used alone
+            return self.forward_columns(x.t()).t()
+        x = F.conv2d(x, self.weight, self.bias, padding=self.padding)
         if self.relu:
             x = torch.relu(x)
         if self.pool:
