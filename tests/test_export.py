@@ -164,13 +164,26 @@ def test_csr_with_one_byte_indices_round_trips(density: float) -> None:
                           matrix)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.dtype(">f4")])
+def test_values_are_byte_shuffled_and_coded_losslessly(dtype) -> None:
+    from varstudent.export.sparse import pack_values, unpack_values
+
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(5_000) * 0.05).astype(dtype)  # like trained weights: a few magnitudes
+    packed = pack_values(values)
+    # every bit comes back; the sign-and-exponent plane is what shrinks (mantissa bytes stay ~8 bits)
+    restored = unpack_values(packed, values.size, np.dtype(dtype), "v")
+    assert restored.dtype == np.dtype(dtype) and np.array_equal(restored.view(np.uint8), values.view(np.uint8))
+    assert packed.size < 0.92 * values.nbytes
+
+
 def test_gap_streams_are_entropy_coded_and_refuse_to_inflate_past_their_length() -> None:
     rng = np.random.default_rng(0)
     gaps = rng.geometric(0.3, 20_000).clip(1, 256).astype(np.uint8) - 1  # ~17 % dense rows: small gaps
     packed = pack_bytes(gaps)
     assert packed.dtype == np.uint8 and packed.size < gaps.size / 2  # ~3 bits of information per gap byte
     assert np.array_equal(unpack_bytes(packed, gaps.size, "g"), gaps)
-    with pytest.raises(ArtifactError, match="g: inflates past the 100 entries that row_entries counts"):
+    with pytest.raises(ArtifactError, match="g: inflates past the 100 bytes the spec and row_entries imply"):
         unpack_bytes(packed, 100, "g")  # a stream longer than announced is cut off, not inflated
 
 
@@ -276,6 +289,10 @@ def _short_gaps(tensors) -> None:
     tensors["layers.0.gaps"] = torch.from_numpy(pack_bytes(np.zeros(3, dtype=np.uint8)))
 
 
+def _short_values(tensors) -> None:
+    tensors["layers.0.values"] = torch.from_numpy(pack_bytes(np.zeros(6, dtype=np.uint8)))
+
+
 def _set_layer_out(doc, value: int) -> None:
     doc["spec"]["layers"][0]["out"] = value
 
@@ -289,7 +306,18 @@ def _set_layer_out(doc, value: int) -> None:
     ("sparse", lambda f: _rewrite_safetensors(f, "sparse", lambda t: t["layers.0.gaps"].fill_(255)),
      "gaps: not a valid LZMA2 stream"),
     ("sparse", lambda f: _rewrite_safetensors(f, "sparse", _widen_gaps), "a column index reaches"),
-    ("sparse", lambda f: _rewrite_safetensors(f, "sparse", _short_gaps), "gaps: holds 3 entries, row_entries counts"),
+    ("sparse", lambda f: _rewrite_safetensors(f, "sparse", _short_gaps),
+     "gaps: holds 3 bytes, the spec and row_entries imply"),
+    ("sparse", lambda f: _rewrite_safetensors(f, "sparse", lambda t: t["layers.0.values"].fill_(255)),
+     "values: not a valid LZMA2 stream"),
+    ("sparse", lambda f: _rewrite_safetensors(f, "sparse", _short_values),
+     "values: holds 6 bytes, the spec and row_entries imply"),
+    ("sparse", lambda f: _rewrite_safetensors(f, "sparse", lambda t: t.update({"layers.0.values": torch.zeros(4)})),
+     "values are float32, the spec says a packed byte stream"),
+    ("sparse", lambda f: _rewrite_safetensors(f, "sparse", lambda t: t["layers.2.weight"].fill_(7)),
+     "layers.2.weight: not a valid LZMA2 stream"),
+    ("sparse", lambda f: _edit_json(f, "sparse.json", lambda d: d.update(values_dtype="int8")),
+     "not a sparse export spec"),
     ("sparse", lambda f: _edit_json(f, "sparse.json", lambda d: _set_layer_out(d, 7)),
      "row_entries has shape"),
     ("sparse", lambda f: (f / "sparse.safetensors").unlink(), "sparse export weights not found"),
@@ -308,18 +336,30 @@ def test_tampered_exports_are_clear_errors(exported: Path, fmt: str, damage, mes
     assert message in str(info.value)
 
 
-def test_a_sparse_export_written_before_the_gaps_were_coded_still_loads(exported: Path) -> None:
+@pytest.mark.parametrize("older", ["raw", "lzma2-raw"])
+def test_sparse_exports_of_earlier_versions_still_load(exported: Path, older: str) -> None:
+    from varstudent.export.sparse import unpack_values
+
     x = torch.rand(16, 1, 8, 8)
     with torch.no_grad():
         expected = load_export(exported, "sparse")(x)
+    spec = json.loads((exported / "sparse.json").read_text())
+    shapes = {i: (lay["out"], lay["in"]) for i, lay in enumerate(spec["spec"]["layers"])}
 
-    def raw_gaps(tensors) -> None:  # the layout before: one plain byte per gap, no `streams` in the spec
-        for key in [k for k in tensors if k.endswith(".gaps")]:
+    def earlier_layout(tensors) -> None:  # plain values; plain gaps too before "lzma2-raw"
+        for key in [k for k in tensors if k.endswith((".values", ".weight"))]:
+            i = int(key.split(".")[1])
+            count = (int(tensors[f"layers.{i}.row_entries"].long().sum()) if key.endswith(".values")
+                     else shapes[i][0] * shapes[i][1])
+            plain = torch.from_numpy(unpack_values(tensors[key].numpy(), count, np.dtype(np.float32), key).copy())
+            tensors[key] = plain if key.endswith(".values") else plain.reshape(shapes[i])
+        for key in [k for k in tensors if k.endswith(".gaps") and older == "raw"]:
             entries = int(tensors[key.replace(".gaps", ".row_entries")].long().sum())
             tensors[key] = torch.from_numpy(unpack_bytes(tensors[key].numpy(), entries, key).copy())
 
-    _rewrite_safetensors(exported, "sparse", raw_gaps)
-    _edit_json(exported, "sparse.json", lambda d: d.pop("streams"))
+    _rewrite_safetensors(exported, "sparse", earlier_layout)
+    _edit_json(exported, "sparse.json", lambda d: d.pop("streams") if older == "raw" else d.update(streams=older))
+    assert {c["storage"] for c in spec["choices"]} == {"csr", "dense"}  # both storages are re-read
     with torch.no_grad():
         assert torch.equal(load_export(exported, "sparse")(x), expected)
     _edit_json(exported, "sparse.json", lambda d: d.update(streams="zstd"))

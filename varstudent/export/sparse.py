@@ -6,14 +6,18 @@ Storage (sparse.safetensors), per layer i, whichever of the two is smaller:
   takes filler entries (advance 256, value 0), the relative indexing of Han, Mao, Dally (Deep Compression,
   ICLR 2016), so an index costs one byte whatever the width. A conv weight (out, in, k, k) is stored as the
   (out, in*k*k) matrix.
-- dense: `layers.i.weight`, when the matrix has so few zeros that CSR would be larger.
+- dense: `layers.i.weight`, all out*in*k*k values (coded as below), when the matrix has so few zeros that CSR
+  would be larger.
 Values are float32, or float16 on request; biases are float32. Batch norm is folded into the weights
 (folded.py). An MLP's kept inputs are `input_mask`, one bit per input pixel.
 
 The gap stream is stored LZMA2-compressed (raw, the standard library's `lzma`): a one-byte gap carries ~3.3
 bits of information on the MNIST student, and the coder gets within 5 % of that order-0 entropy (what Deep
 Compression's Huffman stage does, done by a stock coder): 10,819 gap bytes of the 40-epoch student's first
-layer are stored in 4,625.
+layer are stored in 4,625. The values are stored losslessly coded the same way after a byte shuffle (byte 0 of
+every value, then byte 1, ..., the HDF5 / Blosc shuffle filter): the sign-and-exponent bytes of trained weights
+span a few magnitudes and code to under half a byte, the mantissa bytes stay ~8 bits (the default student's
+35,260 value bytes -> 30,391 as float32, 17,630 -> 15,478 as float16).
 
 Execution: a linear layer runs as CSR (torch.addmm with a sparse CSR matrix) or dense (torch.addmm), both on
 the transposed activations W @ H (run_chain), whichever was faster at batch 256 when the export was written
@@ -44,7 +48,10 @@ from varstudent.nn.architectures import Net, run_chain
 NAME = "sparse"
 FILLER_STRIDE = 256  # the largest column advance one uint8 gap encodes
 CHOICE_RULE = "csr when its median time at batch 256 is below dense's, else dense; convolutions always dense"
-STREAMS = "lzma2-raw"  # how the gaps are stored (sparse.json's `streams`; absent = raw bytes, exports before it)
+# how gaps and values are stored (sparse.json's `streams`): exports before this version say "lzma2-raw" (gaps
+# coded, values plain) or nothing (both plain); they still load
+STREAMS = "lzma2-raw gaps, lzma2-raw shuffled values"
+OLDER_STREAMS = ("raw", "lzma2-raw")
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
@@ -62,10 +69,24 @@ def unpack_bytes(packed: np.ndarray, length: int, where: str) -> np.ndarray:
     except lzma.LZMAError as exc:
         raise ArtifactError(f"{where}: not a valid LZMA2 stream ({exc})") from None
     if len(stream) > length:
-        raise ArtifactError(f"{where}: inflates past the {length} entries that row_entries counts")
+        raise ArtifactError(f"{where}: inflates past the {length} bytes the spec and row_entries imply")
     if len(stream) < length:
-        raise ArtifactError(f"{where}: holds {len(stream)} entries, row_entries counts {length}")
+        raise ArtifactError(f"{where}: holds {len(stream)} bytes, the spec and row_entries imply {length}")
     return np.frombuffer(stream, dtype=np.uint8)
+
+
+def pack_values(values: np.ndarray) -> np.ndarray:
+    """Little-endian float values -> their bytes shuffled into planes (all first bytes, then all second ...),
+    LZMA2-packed: the planes of sign and exponent bits are what compresses."""
+    little = values.astype(values.dtype.newbyteorder("<"))
+    planes = little.view(np.uint8).reshape(-1, values.dtype.itemsize).T
+    return pack_bytes(np.ascontiguousarray(planes).ravel())
+
+
+def unpack_values(packed: np.ndarray, count: int, dtype: np.dtype, where: str) -> np.ndarray:
+    """The `count` values of `dtype` packed by pack_values."""
+    planes = unpack_bytes(packed, count * dtype.itemsize, where).reshape(dtype.itemsize, count)
+    return np.ascontiguousarray(planes.T).view(dtype.newbyteorder("<")).ravel().astype(dtype)
 
 
 def _smallest_uint(max_value: int) -> np.dtype:
@@ -211,13 +232,15 @@ def write_sparse(net: Net, directory: Path, values_dtype: str = "float32", repea
     for i, layer in enumerate(layers):
         matrix = layer.weight.reshape(layer.weight.shape[0], -1).numpy()  # (out, in*k*k)
         csr = encode_csr(matrix, vdtype)
-        stored = {"row_entries": csr["row_entries"], "gaps": pack_bytes(csr["gaps"]), "values": csr["values"]}
-        csr_bytes, dense_bytes = sum(a.nbytes for a in stored.values()), matrix.size * vdtype.itemsize
+        stored = {"row_entries": csr["row_entries"], "gaps": pack_bytes(csr["gaps"]),
+                  "values": pack_values(csr["values"])}
+        dense = pack_values(matrix.astype(vdtype).ravel())  # zeros included, coded the same way
+        csr_bytes, dense_bytes = sum(a.nbytes for a in stored.values()), dense.nbytes
         storage = "csr" if csr_bytes < dense_bytes else "dense"
         if storage == "csr":
             tensors.update({f"layers.{i}.{k}": torch.from_numpy(v) for k, v in stored.items()})
         else:
-            tensors[f"layers.{i}.weight"] = torch.from_numpy(matrix.astype(vdtype)).reshape(layer.weight.shape)
+            tensors[f"layers.{i}.weight"] = torch.from_numpy(dense)
         tensors[f"layers.{i}.bias"] = layer.bias
         choice: dict[str, Any] = {"storage": storage, "csr_bytes": int(csr_bytes), "dense_bytes": int(dense_bytes),
                                   "nonzero": int(np.count_nonzero(matrix)), "weights": int(matrix.size)}
@@ -247,7 +270,9 @@ def load_sparse(directory: Path) -> SparseNet:
         specs = spec["layers"]
         input_shape = [int(d) for d in spec["input_shape"]]
         streams = doc.get("streams", "raw")  # sparse exports written before the gaps were coded still load
-        if doc["format"] != NAME or len(choices) != len(specs) or not specs or streams not in ("raw", STREAMS):
+        values_dtype = np.dtype(doc["values_dtype"])
+        if doc["format"] != NAME or len(choices) != len(specs) or not specs \
+                or streams not in (*OLDER_STREAMS, STREAMS) or values_dtype.kind != "f":
             raise ValueError("format, streams, or the number of layers and choices differ")
         expected = {"input_mask"} if doc["input_mask"] else set()
         for i, (layer, choice) in enumerate(zip(specs, choices)):
@@ -275,9 +300,16 @@ def load_sparse(directory: Path) -> SparseNet:
         k = layer["kernel"] if layer["kind"] == "conv" else 1
         shape = (layer["out"], layer["in"], k, k) if layer["kind"] == "conv" else (layer["out"], layer["in"])
         if choice["storage"] == "csr":
-            matrix = _decode_layer(tensors, i, (layer["out"], layer["in"] * k * k), streams == STREAMS,
+            matrix = _decode_layer(tensors, i, (layer["out"], layer["in"] * k * k), streams, values_dtype,
                                    f"{where}: layer {i}")
             weight = torch.from_numpy(matrix).reshape(shape)
+        elif streams == STREAMS:
+            packed = _tensor(tensors, f"layers.{i}.weight", where)
+            if packed.dtype != np.uint8:
+                raise ArtifactError(f"{where}: layers.{i}.weight is {packed.dtype}, the spec says a packed byte stream")
+            count = int(np.prod(shape))
+            weight = torch.from_numpy(unpack_values(packed, count, values_dtype, f"{where}: layers.{i}.weight")
+                                      .astype(np.float32).reshape(shape))
         else:
             weight = tensors[f"layers.{i}.weight"].float()
         bias = tensors[f"layers.{i}.bias"].float()
@@ -288,13 +320,20 @@ def load_sparse(directory: Path) -> SparseNet:
     return SparseNet(spec, layers, input_index).eval()
 
 
-def _decode_layer(tensors: dict[str, torch.Tensor], i: int, shape: tuple[int, int], coded: bool,
-                  where: str) -> np.ndarray:
-    """One CSR-stored layer back to its dense float32 (out, n) matrix; `coded`: its gaps are LZMA2-packed."""
+def _decode_layer(tensors: dict[str, torch.Tensor], i: int, shape: tuple[int, int], streams: str,
+                  values_dtype: np.dtype, where: str) -> np.ndarray:
+    """One CSR-stored layer back to its dense float32 (out, n) matrix, its gaps and values decoded as `streams`
+    says they were stored."""
     row_entries = _tensor(tensors, f"layers.{i}.row_entries", where)
-    if row_entries.shape != (shape[0],):  # its sum is the length the gap stream must inflate to
+    if row_entries.shape != (shape[0],):  # its sum is the length the streams must inflate to
         raise ArtifactError(f"{where}: row_entries has shape {row_entries.shape}, the spec says ({shape[0]},)")
+    entries = int(row_entries.astype(np.int64).sum())
     gaps = _tensor(tensors, f"layers.{i}.gaps", where)
-    if coded:
-        gaps = unpack_bytes(gaps, int(row_entries.astype(np.int64).sum()), f"{where}: gaps")
-    return decode_csr(row_entries, gaps, _tensor(tensors, f"layers.{i}.values", where), shape, where)
+    values = _tensor(tensors, f"layers.{i}.values", where)
+    if streams != "raw":
+        gaps = unpack_bytes(gaps, entries, f"{where}: gaps")
+    if streams == STREAMS:
+        if values.dtype != np.uint8:
+            raise ArtifactError(f"{where}: values are {values.dtype}, the spec says a packed byte stream")
+        values = unpack_values(values, entries, values_dtype, f"{where}: values")
+    return decode_csr(row_entries, gaps, values, shape, where)
