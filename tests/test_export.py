@@ -149,6 +149,17 @@ def test_inference_runs_the_linear_tail_on_transposed_activations(
         torch.testing.assert_close(columns, rows, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("hw", [(24, 24), (7, 9), (2, 3)])
+def test_the_inference_max_pool_equals_torchs(hw: tuple[int, int]) -> None:
+    from varstudent.nn.architectures import max_pool_2x2, relu_pool
+
+    x = torch.randn(3, 5, *hw)
+    x[0, 0] = 0.25  # a window of ties
+    assert torch.equal(max_pool_2x2(x), torch.nn.functional.max_pool2d(x, 2))
+    for relu in (True, False):  # pooling first, then ReLU: the same numbers as ReLU, then pool
+        assert torch.equal(relu_pool(x, relu, True, fast=True), relu_pool(x, relu, True, fast=False))
+
+
 @pytest.mark.parametrize("density", [0.0, 0.001, 0.05, 1.0])
 def test_csr_with_one_byte_indices_round_trips(density: float) -> None:
     rng = np.random.default_rng(1)

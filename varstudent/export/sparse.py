@@ -43,7 +43,7 @@ from torch import nn
 from varstudent.artifacts import read_tensors, write_tensors
 from varstudent.errors import ArtifactError
 from varstudent.export.folded import export_spec, folded_layers
-from varstudent.nn.architectures import Net, run_chain
+from varstudent.nn.architectures import Net, relu_pool, run_chain
 
 NAME = "sparse"
 FILLER_STRIDE = 256  # the largest column advance one uint8 gap encodes
@@ -191,12 +191,7 @@ class SparseLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":  # run_chain calls forward_columns itself; this is for a layer used alone
             return self.forward_columns(x.t()).t()
-        x = F.conv2d(x, self.weight, self.bias, padding=self.padding)
-        if self.relu:
-            x = torch.relu(x)
-        if self.pool:
-            x = F.max_pool2d(x, 2)
-        return x
+        return relu_pool(F.conv2d(x, self.weight, self.bias, padding=self.padding), self.relu, self.pool, fast=True)
 
     def weight_stats(self) -> tuple[int, int]:
         weight = self.csr if self.csr is not None else self.weight

@@ -114,11 +114,27 @@ class Block(nn.Module):
         x = self.op(x)
         if self.bn is not None:
             x = self.bn(x)
-        if self.relu:
-            x = torch.relu(x)
-        if self.pool:
-            x = nn.functional.max_pool2d(x, 2)
-        return x
+        return relu_pool(x, self.relu, self.pool, fast=not self.training)
+
+
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """F.max_pool2d(x, 2) (floor mode), as the elementwise max of four strided views: the same values, but
+    vectorized -- on this CPU build 1.2 ms against 10.6 ms for LeNet-5's (256, 19, 24, 24) conv1 output."""
+    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+    return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 1::2, 0::2]),
+                         torch.maximum(x[..., 0::2, 1::2], x[..., 1::2, 1::2]))
+
+
+def relu_pool(x: torch.Tensor, relu: bool, pool: bool, fast: bool) -> torch.Tensor:
+    """ReLU, then 2x2 max pool. `fast` (inference on the CPU) pools first with max_pool_2x2 and applies ReLU to
+    a quarter of the values: the same numbers, max commutes with ReLU. Training keeps F.max_pool2d, whose
+    gradient goes to one element of a tied window (max_pool_2x2's would be split)."""
+    if pool and fast and x.device.type == "cpu":
+        x = max_pool_2x2(x)
+        return torch.relu_(x) if relu else x  # x is max_pool_2x2's fresh output
+    if relu:
+        x = torch.relu(x)
+    return nn.functional.max_pool2d(x, 2) if pool else x
 
 
 class Net(nn.Module):
