@@ -4,6 +4,10 @@ Targets (foundation issue): a distillation epoch <= 2.2x a dense-student epoch o
 and batch; BSR adds <= 10% to an epoch.
 
     python benchmarks/epoch_speed.py                 # full MNIST in artifacts/prepare, 2 epochs each
+    python benchmarks/epoch_speed.py --epochs 3 --rounds 3   # the five configurations 3 times, interleaved
+
+Epoch times on a shared 2-core machine move by 10-30 % between minutes, so with --rounds each ratio is the
+median of the ratios within a round (configurations run back to back), with their range.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="mlp-1200-1200")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=1, help="run the five configurations K times")
     args = parser.parse_args()
     data = load_prepared(Path(args.data))
     x, y, n = data.x_train, data.y_train, data.x_train.shape[0]
@@ -51,18 +56,25 @@ def main() -> None:
         result = fit(model, x, y, loss_fn, settings)
         return statistics.median(h["seconds"] for h in result.history)
 
-    rows = [("dense student (CE)", timed(False, 0, 0, 0)),
-            ("VD layers, CE only", timed(True, 0, 0, 0)),
-            ("Sparse VD (CE + KL)", timed(True, 0, 1, 0)),
-            ("VS (CE + KD + KL)", timed(True, 1, 1, 0)),
-            ("VS + BSR", timed(True, 1, 1, 1e-5))]
-    base = rows[0][1]
+    configurations = [("dense student (CE)", (False, 0, 0, 0)), ("VD layers, CE only", (True, 0, 0, 0)),
+                      ("Sparse VD (CE + KL)", (True, 0, 1, 0)), ("VS (CE + KD + KL)", (True, 1, 1, 0)),
+                      ("VS + BSR", (True, 1, 1, 1e-5))]
+    rounds = [[timed(*setting) for _, setting in configurations] for _ in range(args.rounds)]
     print(f"{args.student} on {n} samples, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"median of {args.epochs} epochs\n")
+          f"median of {args.epochs} epochs" + (f"; {args.rounds} rounds, medians [range]" if args.rounds > 1 else "")
+          + "\n")
     print("| configuration | s/epoch | x dense |\n|---|---|---|")
-    for name, secs in rows:
-        print(f"| {name} | {secs:.2f} | {secs / base:.2f} |")
-    print(f"\nBSR overhead: {100 * (rows[4][1] / rows[3][1] - 1):+.1f}% of a VS epoch")
+    for i, (name, _) in enumerate(configurations):
+        seconds = [r[i] for r in rounds]
+        print(f"| {name} | {_spread(seconds, '.2f')} | {_spread([r[i] / r[0] for r in rounds], '.2f')} |")
+    overhead = [100 * (r[4] / r[3] - 1) for r in rounds]
+    print(f"\nBSR overhead: {_spread(overhead, '+.1f')} % of a VS epoch")
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """The median, with [min - max] when there are several values."""
+    text = format(statistics.median(values), fmt)
+    return text if len(values) == 1 else f"{text} [{format(min(values), fmt)} - {format(max(values), fmt)}]"
 
 
 if __name__ == "__main__":

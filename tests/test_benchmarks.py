@@ -95,3 +95,15 @@ def test_codebook_quantization_shares_values_and_keeps_zeros(tmp_path: Path) -> 
         w, q = before.op.weight.detach(), after.op.weight.detach()
         assert torch.equal(w == 0, q == 0)  # zeros stay zero, kept weights stay kept
         assert len(torch.unique(q[q != 0])) <= 7  # 3 bits: code 0 is zero, 7 shared values
+
+
+def test_epoch_speed_interleaves_rounds_and_reports_ranges(digits_dir: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "epoch_speed.py"), "--data", str(digits_dir),
+                           "--student", "mlp-16-8", "--teacher", "mlp-32-16", "--epochs", "1", "--rounds", "2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "configuration" not in line]
+    assert len(rows) == 5 and "2 rounds" in done.stdout
+    assert rows[0].endswith("| 1.00 [1.00 - 1.00] |")  # the dense student is its own baseline in every round
+    assert "BSR overhead:" in done.stdout and "[" in done.stdout.split("BSR overhead:")[1]

@@ -64,6 +64,20 @@ def test_bsr_equals_a_hand_computation(norm: str, blocks: str, dim: int) -> None
     assert bsr().item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_block_max_abs_matches_autograd(dtype: torch.dtype) -> None:
+    from varstudent.losses import _BlockMaxAbs
+
+    flat = torch.randn(40, 30, dtype=torch.float64).to(dtype)  # the NumPy path (float32/64) and torch's (bf16)
+    flat[3] = -flat[3].abs()  # a row whose largest |w| is negative
+    ours, reference = flat.clone().requires_grad_(), flat.clone().requires_grad_()
+    weight = torch.randn(40, dtype=torch.float64).to(dtype)
+    (_BlockMaxAbs.apply(ours) * weight).sum().backward()
+    (reference.abs().amax(1) * weight).sum().backward()
+    assert torch.equal(_BlockMaxAbs.apply(flat), flat.abs().amax(1))
+    assert torch.equal(ours.grad, reference.grad)  # one entry per row: sign(w) times the row's weight
+
+
 def test_bsr_sends_no_gradient_to_the_teacher() -> None:
     teacher_net = build_model(build_spec("mlp-20-10", (1, 4, 4), 3))
     student_net = build_model(build_spec("mlp-8-4", (1, 4, 4), 3, variational=True))

@@ -45,13 +45,20 @@ class _BlockMaxAbs(torch.autograd.Function):
     """max |w| per row; its gradient goes to the one arg-max entry of each row.
 
     autograd's amax backward builds full-size equality masks and the forward an abs() copy of the weights;
-    here the forward is two reductions (max and min, with their indices) and the backward one scatter.
+    here the forward is two reductions (max and min, with their indices) and the backward one scatter. On the
+    CPU the indices come from NumPy's argmax / argmin, which are vectorized where torch's max(1) / min(1) with
+    indices are not: 0.08 ms against 0.74 ms for the 500x784 first layer (2 threads).
     """
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor) -> torch.Tensor:  # flat: (blocks, rest) -> (blocks,)
-        high, high_at = flat.max(1)
-        low, low_at = flat.min(1)
+        if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+            values = flat.detach().numpy()
+            high_at, low_at = torch.from_numpy(values.argmax(1)), torch.from_numpy(values.argmin(1))
+            high, low = flat.gather(1, high_at[:, None])[:, 0], flat.gather(1, low_at[:, None])[:, 0]
+        else:
+            high, high_at = flat.max(1)
+            low, low_at = flat.min(1)
         negative_wins = -low > high
         ctx.save_for_backward(torch.where(negative_wins, low_at, high_at), negative_wins)
         ctx.shape = flat.shape
