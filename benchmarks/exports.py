@@ -1,6 +1,6 @@
 """Bytes and CPU speed of the teacher, the dense (masked) student and every export of a finished run.
 
-Runs the evaluate stage's own measurement (varstudent.evaluate.measure_model) with more repeats, into a
+Runs the evaluate stage's own measurement (varstudent.evaluate.measure_speeds) with more repeats, into a
 separate folder, and prints the table and the targets of the inference issue:
 compact throughput at batch 256 >= 20x the teacher's and >= 2x the dense student's; bytes on disk >= 500x
 below the teacher's float32 weights; the sparse path's per-layer choice and by how much CSR loses or wins.

@@ -10,44 +10,61 @@ from typing import Any
 import torch
 from torch import nn
 
+SPEED_ROUNDS = 5  # timed runs of all models interleaved in rounds: a drift in the machine's speed hits all alike
+BATCHES = (1, 256)
+
 
 @torch.no_grad()
-def throughput(model: nn.Module, sample: torch.Tensor, batch_size: int, repeats: int, warmup: int,
-               threads: int = 0) -> dict[str, float]:
-    """Samples/s and median / p95 latency (ms) of one forward pass at `batch_size`, on the CPU."""
+def measure_speeds(models: list[nn.Module], sample: torch.Tensor, repeats: int, warmup: int,
+                   threads: int = 0) -> list[dict[int, dict[str, float]]]:
+    """Per model, per batch size in BATCHES: samples/s and median / p95 latency (ms) of one forward pass on the
+    CPU. Every model is warmed up, then the `repeats` timed runs of each (model, batch) are spread over up to
+    SPEED_ROUNDS rounds, each round timing every model in turn, so the ratios between models are not skewed by
+    a shared machine slowing down while one of them is timed (single runs here moved by 10-30 %)."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        model = model.to("cpu").eval()
-        reps = -(-batch_size // sample.shape[0])
-        x = sample.to("cpu").repeat(reps, *([1] * (sample.dim() - 1)))[:batch_size]
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-        times.sort()
-        median = statistics.median(times)
-        p95 = times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]
-        # an onnxruntime model runs on its own thread pool, sized when it was loaded
-        return {"samples_per_s": batch_size / median, "latency_ms_median": 1e3 * median,
-                "latency_ms_p95": 1e3 * p95, "threads": getattr(model, "threads", None) or torch.get_num_threads()}
+        models = [model.to("cpu").eval() for model in models]
+        inputs = {b: sample.to("cpu").repeat(-(-b // sample.shape[0]), *([1] * (sample.dim() - 1)))[:b]
+                  for b in BATCHES}
+        for model in models:
+            for x in inputs.values():
+                for _ in range(warmup):
+                    model(x)
+        times: dict[tuple[int, int], list[float]] = {(i, b): [] for i in range(len(models)) for b in BATCHES}
+        rounds = min(SPEED_ROUNDS, repeats)
+        for r in range(rounds):
+            share = repeats // rounds + (r < repeats % rounds)
+            for i, model in enumerate(models):
+                for b, x in inputs.items():
+                    for _ in range(share):
+                        start = time.perf_counter()
+                        model(x)
+                        times[(i, b)].append(time.perf_counter() - start)
+        return [{b: _speed(times[(i, b)], b, model) for b in BATCHES} for i, model in enumerate(models)]
     finally:
         torch.set_num_threads(previous)
 
 
-def measure_model(model: nn.Module, files: list[Path], x: torch.Tensor, y: torch.Tensor, repeats: int,
-                  warmup: int, threads: int = 0) -> dict[str, Any]:
-    """One row of the exports table: bytes of all its files, weights, nonzeros, accuracy, CPU speed."""
+def _speed(times: list[float], batch: int, model: nn.Module) -> dict[str, float]:
+    times = sorted(times)
+    median = statistics.median(times)
+    p95 = times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]
+    # an onnxruntime model runs on its own thread pool, sized when it was loaded
+    return {"samples_per_s": batch / median, "latency_ms_median": 1e3 * median, "latency_ms_p95": 1e3 * p95,
+            "threads": getattr(model, "threads", None) or torch.get_num_threads()}
+
+
+def measure_model(model: nn.Module, files: list[Path], x: torch.Tensor, y: torch.Tensor,
+                  speed: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """One row of the exports table: bytes of all its files, weights, nonzeros, accuracy, and its CPU `speed`
+    (one entry of measure_speeds)."""
     from varstudent.export import weight_stats
     from varstudent.train import accuracy
 
     params, nonzeros = weight_stats(model)
-    b1 = throughput(model, x[:256], 1, repeats, warmup, threads)
-    b256 = throughput(model, x[:256], 256, repeats, warmup, threads)
+    b1, b256 = speed[1], speed[256]
     return {"bytes": sum(p.stat().st_size for p in files), "params": params, "nonzeros": nonzeros,
             "accuracy": accuracy(model, x, y), "latency_ms_b1_median": b1["latency_ms_median"],
             "latency_ms_b1_p95": b1["latency_ms_p95"], "samples_per_s_b1": b1["samples_per_s"],

@@ -273,7 +273,14 @@ def evaluate(params: Params, data_dir: Path, teacher_dir: Path, student_dir: Pat
     """Accuracy, per-layer sparsity, compression, and bytes + CPU speed of the teacher, the dense (masked)
     student and every export; metrics.json, report.md and plots."""
     from varstudent.data import load_prepared
-    from varstudent.evaluate import flat_metrics, measure_model, render_report, save_export_plot, save_plots
+    from varstudent.evaluate import (
+        flat_metrics,
+        measure_model,
+        measure_speeds,
+        render_report,
+        save_export_plot,
+        save_plots,
+    )
     from varstudent.export import export_files, listed_exports, load_export
     from varstudent.prune import layer_table
 
@@ -297,10 +304,11 @@ def evaluate(params: Params, data_dir: Path, teacher_dir: Path, student_dir: Pat
         ("export_compact", "compact student", compact_net, export_files(compact_dir, "compact"))]
     models += [(f"export_{fmt}", fmt, load_export(compact_dir, fmt, threads), export_files(compact_dir, fmt))
                for fmt in listed_exports(compact_dir) if fmt != "compact"]
+    speeds = measure_speeds([net for _, _, net, _ in models], x[:256], cfg.latency_repeats, cfg.latency_warmup,
+                            threads)
     rows, speed = [], []
-    for key, label, net, files in models:
-        row = {"key": key, "model": label, **measure_model(net, files, x, y, cfg.latency_repeats,
-                                                           cfg.latency_warmup, threads)}
+    for (key, label, net, files), model_speed in zip(models, speeds):
+        row = {"key": key, "model": label, **measure_model(net, files, x, y, model_speed)}
         speed += [{"model": label, **s} for s in row.pop("speed")]
         rows.append(row)
     teacher_row, student_row, compact_row = rows[:3]
