@@ -149,6 +149,17 @@ def test_inference_runs_the_linear_tail_on_transposed_activations(
         torch.testing.assert_close(columns, rows, rtol=0, atol=1e-5)
 
 
+def test_pooling_with_autograd_on_keeps_torchs_gradient() -> None:
+    net = build_model(build_spec("lenet5", (1, 28, 28), 10, width=0.25)).eval()
+    x = torch.zeros(2, 1, 28, 28, requires_grad=True)  # all-zero images: every pooling window is a tie
+    net(x).sum().backward()  # eval mode with gradients (saliency): F.max_pool2d's one-element gradient
+    reference = x.grad.clone()
+    x.grad = None
+    net.train()
+    net(x).sum().backward()
+    assert torch.equal(x.grad, reference)
+
+
 @pytest.mark.parametrize("hw", [(24, 24), (7, 9), (2, 3)])
 def test_the_inference_max_pool_equals_torchs(hw: tuple[int, int]) -> None:
     from varstudent.nn.architectures import max_pool_2x2, relu_pool
@@ -300,6 +311,12 @@ def _short_gaps(tensors) -> None:
     tensors["layers.0.gaps"] = torch.from_numpy(pack_bytes(np.zeros(3, dtype=np.uint8)))
 
 
+def _negative_row_entries(tensors) -> None:
+    counts = tensors["layers.0.row_entries"].to(torch.int16)
+    counts[0] = -10  # the sum would ask the gap stream for a negative length: no limit to lzma
+    tensors["layers.0.row_entries"] = counts
+
+
 def _short_values(tensors) -> None:
     tensors["layers.0.values"] = torch.from_numpy(pack_bytes(np.zeros(6, dtype=np.uint8)))
 
@@ -329,8 +346,18 @@ def _set_layer_out(doc, value: int) -> None:
      "layers.2.weight: not a valid LZMA2 stream"),
     ("sparse", lambda f: _edit_json(f, "sparse.json", lambda d: d.update(values_dtype="int8")),
      "not a sparse export spec"),
+    # a crafted file must not make the loader inflate or allocate what its numbers ask for
+    ("sparse", lambda f: _rewrite_safetensors(f, "sparse", _negative_row_entries), "row_entries must count 0.."),
+    ("sparse", lambda f: _rewrite_safetensors(f, "sparse", lambda t: t.update(
+        {"layers.0.row_entries": t["layers.0.row_entries"][:5]})), "row_entries has shape (5,)"),
+    ("sparse", lambda f: _edit_json(f, "sparse.json", lambda d: _set_layer_out(d, -1)), "not positive integers"),
+    ("sparse", lambda f: _edit_json(f, "sparse.json", lambda d: d["spec"]["layers"][0].update({"out": 10**6,
+                                                                                                 "in": 10**6})),
+     "at most 268,435,456 weights"),
+    ("sparse", lambda f: _rewrite_safetensors(f, "sparse", lambda t: t.update(
+        {"layers.0.values": torch.zeros(4, dtype=torch.bfloat16)})), "layers.0.values is torch.bfloat16"),
     ("sparse", lambda f: _edit_json(f, "sparse.json", lambda d: _set_layer_out(d, 7)),
-     "row_entries has shape"),
+     "has shape (39,), the spec says (7,)"),  # the bias, checked before the layer's streams inflate
     ("sparse", lambda f: (f / "sparse.safetensors").unlink(), "sparse export weights not found"),
     ("onnx", lambda f: _flip_a_byte(f / "model.onnx"), "checksum does not match"),
     ("onnx", lambda f: (f / "model.onnx").unlink(), "onnx export model not found"),

@@ -53,6 +53,10 @@ CHOICE_RULE = "csr when its median time at batch 256 is below dense's, else dens
 STREAMS = "lzma2-raw gaps, lzma2-raw shuffled values"
 OLDER_STREAMS = ("raw", "lzma2-raw")
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+_NUMPY_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32)
+# a layer is decoded to a dense float32 matrix: the spec may not ask for more than 1 GiB of it (a crafted spec
+# could otherwise ask for any size); the largest layer any architecture here has is VGG-like's 2.4M weights
+MAX_LAYER_WEIGHTS = 2**28
 
 
 def pack_bytes(stream: np.ndarray) -> np.ndarray:
@@ -63,6 +67,8 @@ def pack_bytes(stream: np.ndarray) -> np.ndarray:
 
 def unpack_bytes(packed: np.ndarray, length: int, where: str) -> np.ndarray:
     """The `length` bytes packed by pack_bytes; a clear error for a corrupt stream or another length."""
+    if length < 0:  # lzma reads a negative max_length as "no limit"
+        raise ArtifactError(f"{where}: the spec and row_entries imply a negative length ({length})")
     decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
     try:  # never inflate past what the spec announces (a crafted stream could otherwise fill memory)
         stream = decompressor.decompress(packed.astype(np.uint8).tobytes(), max_length=length + 1)
@@ -191,7 +197,8 @@ class SparseLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":  # run_chain calls forward_columns itself; this is for a layer used alone
             return self.forward_columns(x.t()).t()
-        return relu_pool(F.conv2d(x, self.weight, self.bias, padding=self.padding), self.relu, self.pool, fast=True)
+        return relu_pool(F.conv2d(x, self.weight, self.bias, padding=self.padding), self.relu, self.pool,
+                         fast=not torch.is_grad_enabled())
 
     def weight_stats(self) -> tuple[int, int]:
         weight = self.csr if self.csr is not None else self.weight
@@ -254,6 +261,8 @@ def write_sparse(net: Net, directory: Path, values_dtype: str = "float32", repea
 def _tensor(tensors: dict[str, torch.Tensor], key: str, where: str) -> np.ndarray:
     if key not in tensors:
         raise ArtifactError(f"{where}: tensor {key} is missing")
+    if tensors[key].dtype not in _NUMPY_DTYPES:  # e.g. bfloat16, which NumPy cannot hold
+        raise ArtifactError(f"{where}: tensor {key} is {tensors[key].dtype}, not a dtype this format stores")
     return tensors[key].numpy()
 
 
@@ -274,6 +283,10 @@ def load_sparse(directory: Path) -> SparseNet:
             if choice["storage"] not in ("csr", "dense") or choice["execution"] not in ("csr", "dense") \
                     or layer["kind"] not in ("linear", "conv"):
                 raise ValueError(f"layer {i}: unknown kind, storage or execution")
+            dims = [layer["out"], layer["in"], layer["kernel"] if layer["kind"] == "conv" else 1]
+            if not all(type(d) is int and d > 0 for d in dims) or dims[0] * dims[1] * dims[2] ** 2 > MAX_LAYER_WEIGHTS:
+                raise ValueError(f"layer {i}: sizes (out, in, kernel) {dims} are not positive integers of at most "
+                                 f"{MAX_LAYER_WEIGHTS:,} weights")
             parts = ("row_entries", "gaps", "values") if choice["storage"] == "csr" else ("weight",)
             expected |= {f"layers.{i}.{p}" for p in (*parts, "bias")}
     except (KeyError, TypeError, ValueError) as exc:
@@ -294,6 +307,10 @@ def load_sparse(directory: Path) -> SparseNet:
     for i, (layer, choice) in enumerate(zip(specs, choices)):
         k = layer["kernel"] if layer["kind"] == "conv" else 1
         shape = (layer["out"], layer["in"], k, k) if layer["kind"] == "conv" else (layer["out"], layer["in"])
+        bias = tensors[f"layers.{i}.bias"].float()
+        if tuple(bias.shape) != shape[:1]:  # checked before any stream of the layer is inflated
+            raise ArtifactError(f"{where}: tensor layers.{i}.bias has shape {tuple(bias.shape)}, the spec says "
+                                f"{shape[:1]}")
         if choice["storage"] == "csr":
             matrix = _decode_layer(tensors, i, (layer["out"], layer["in"] * k * k), streams, values_dtype,
                                    f"{where}: layer {i}")
@@ -302,15 +319,14 @@ def load_sparse(directory: Path) -> SparseNet:
             packed = _tensor(tensors, f"layers.{i}.weight", where)
             if packed.dtype != np.uint8:
                 raise ArtifactError(f"{where}: layers.{i}.weight is {packed.dtype}, the spec says a packed byte stream")
-            count = int(np.prod(shape))
+            count = layer["out"] * layer["in"] * k * k
             weight = torch.from_numpy(unpack_values(packed, count, values_dtype, f"{where}: layers.{i}.weight")
                                       .astype(np.float32).reshape(shape))
         else:
             weight = tensors[f"layers.{i}.weight"].float()
-        bias = tensors[f"layers.{i}.bias"].float()
-        for key, value, want in ((f"layers.{i}.weight", weight, shape), (f"layers.{i}.bias", bias, shape[:1])):
-            if tuple(value.shape) != tuple(want):
-                raise ArtifactError(f"{where}: tensor {key} has shape {tuple(value.shape)}, the spec says {want}")
+        if tuple(weight.shape) != shape:
+            raise ArtifactError(f"{where}: tensor layers.{i}.weight has shape {tuple(weight.shape)}, the spec says "
+                                f"{shape}")
         layers.append(SparseLayer(layer, weight, bias, choice["execution"] if layer["kind"] == "linear" else "dense"))
     return SparseNet(spec, layers, input_index).eval()
 
@@ -322,7 +338,11 @@ def _decode_layer(tensors: dict[str, torch.Tensor], i: int, shape: tuple[int, in
     row_entries = _tensor(tensors, f"layers.{i}.row_entries", where)
     if row_entries.shape != (shape[0],):  # its sum is the length the streams must inflate to
         raise ArtifactError(f"{where}: row_entries has shape {row_entries.shape}, the spec says ({shape[0]},)")
-    entries = int(row_entries.astype(np.int64).sum())
+    counts = row_entries.astype(np.int64)
+    most = shape[1] + -(-shape[1] // FILLER_STRIDE)  # every column of a row, and the fillers of its gaps
+    if row_entries.dtype.kind not in "iu" or (counts < 0).any() or (counts > most).any():
+        raise ArtifactError(f"{where}: row_entries must count 0..{most} entries per row of {shape[1]} columns")
+    entries = int(counts.sum())
     gaps = _tensor(tensors, f"layers.{i}.gaps", where)
     values = _tensor(tensors, f"layers.{i}.values", where)
     if streams != "raw":

@@ -114,7 +114,7 @@ class Block(nn.Module):
         x = self.op(x)
         if self.bn is not None:
             x = self.bn(x)
-        return relu_pool(x, self.relu, self.pool, fast=not self.training)
+        return relu_pool(x, self.relu, self.pool, fast=not self.training and not torch.is_grad_enabled())
 
 
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
@@ -126,9 +126,10 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 
 
 def relu_pool(x: torch.Tensor, relu: bool, pool: bool, fast: bool) -> torch.Tensor:
-    """ReLU, then 2x2 max pool. `fast` (inference on the CPU) pools first with max_pool_2x2 and applies ReLU to
-    a quarter of the values: the same numbers, max commutes with ReLU. Training keeps F.max_pool2d, whose
-    gradient goes to one element of a tied window (max_pool_2x2's would be split)."""
+    """ReLU, then 2x2 max pool. `fast` (inference without autograd, on the CPU) pools first with max_pool_2x2
+    and applies ReLU to a quarter of the values: the same numbers, max commutes with ReLU. With autograd on
+    (training, or gradients taken in eval mode) F.max_pool2d runs: its gradient goes to one element of a tied
+    window, max_pool_2x2's would be split."""
     if pool and fast and x.device.type == "cpu":
         x = max_pool_2x2(x)
         return torch.relu_(x) if relu else x  # x is max_pool_2x2's fresh output
