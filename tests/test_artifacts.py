@@ -63,6 +63,20 @@ def test_spec_that_does_not_match_the_weights(saved) -> None:
         load_model(folder, "m")
 
 
+def test_a_spec_asking_for_huge_layers_allocates_nothing(saved) -> None:
+    import resource
+
+    folder, _ = saved
+    doc = json.loads((folder / "m.json").read_text())
+    doc["spec"]["layers"][0].update({"out": 10**6})  # 4 GB of float32 for this one layer if it were built
+    doc["spec"]["layers"][1].update({"in": 10**6})
+    (folder / "m.json").write_text(json.dumps(doc))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ArtifactError, match="has shape"):
+        load_model(folder, "m")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nothing near 4 GB
+
+
 def test_missing_tensor(saved, tmp_path: Path) -> None:
     folder, net = saved
     from safetensors.torch import save

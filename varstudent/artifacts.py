@@ -98,10 +98,11 @@ def load_model(directory: Path, name: str = "model", device: str | torch.device 
                             f"(format_version {FORMAT_VERSION} expected)")
     weights = directory / f"{name}.safetensors"
     try:
-        model = build_model(doc["spec"])
-    except (KeyError, TypeError, ValueError) as exc:
+        with torch.device("meta"):  # shapes only: a crafted spec cannot allocate anything before it is checked
+            skeleton = build_model(doc["spec"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ArtifactError(f"{directory / (name + '.json')}: malformed spec ({exc!r})") from None
-    expected = model.state_dict()
+    expected = skeleton.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -111,5 +112,6 @@ def load_model(directory: Path, name: str = "model", device: str | torch.device 
         if tuple(tensors[key].shape) != tuple(value.shape):
             raise ArtifactError(f"{weights}: tensor {key} has shape {tuple(tensors[key].shape)}, the spec "
                                 f"says {tuple(value.shape)}")
+    model = build_model(doc["spec"])  # every parameter now has the size of a tensor the file holds
     model.load_state_dict(tensors)  # copies into float32 parameters: reduced-precision storage loads as float32
     return model.to(device).eval()
