@@ -42,3 +42,16 @@ def test_fewer_repeats_than_rounds_still_time_each_model_once_a_round() -> None:
     calls: list[tuple[str, int]] = []
     measure_speeds([Recorder("only", calls)], torch.rand(3, 1, 2, 2), repeats=2, warmup=0)
     assert calls == [("only", 1), ("only", 256)] * 2
+
+
+def test_a_model_with_its_own_thread_pool_is_timed_alone_after_the_others() -> None:
+    calls: list[tuple[str, int]] = []
+    onnx_like = Recorder("onnx", calls)
+    onnx_like.threads = 2  # what load_onnx sets: onnxruntime's own pool, whose spinning slowed the next model
+    speeds = measure_speeds([Recorder("teacher", calls), onnx_like, Recorder("compact", calls)],
+                            torch.rand(5, 1, 4, 4), repeats=10, warmup=1)
+    first_onnx = calls.index(("onnx", 1))
+    assert all(name != "onnx" for name, _ in calls[:first_onnx])
+    assert all(name == "onnx" for name, _ in calls[first_onnx:])  # nothing of the PyTorch models after it
+    assert sum(name == "onnx" for name, _ in calls) == (10 + 1) * len(BATCHES)
+    assert speeds[1][256]["threads"] == 2 and speeds[0][256]["threads"] == torch.get_num_threads()

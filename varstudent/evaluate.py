@@ -18,9 +18,12 @@ BATCHES = (1, 256)
 def measure_speeds(models: list[nn.Module], sample: torch.Tensor, repeats: int, warmup: int,
                    threads: int = 0) -> list[dict[int, dict[str, float]]]:
     """Per model, per batch size in BATCHES: samples/s and median / p95 latency (ms) of one forward pass on the
-    CPU. Every model is warmed up, then the `repeats` timed runs of each (model, batch) are spread over up to
-    SPEED_ROUNDS rounds, each round timing every model in turn, so the ratios between models are not skewed by
-    a shared machine slowing down while one of them is timed (single runs here moved by 10-30 %)."""
+    CPU. The PyTorch models are warmed up, then the `repeats` timed runs of each (model, batch) are spread over
+    up to SPEED_ROUNDS rounds, each round timing every model in turn, so the ratios between models are not
+    skewed by a shared machine slowing down while one of them is timed (single runs here moved by 10-30 %).
+    A model with its own thread pool (`.threads`: onnxruntime) is timed alone afterwards: its threads keep
+    spinning after each run and, interleaved, slowed the next PyTorch model (the MNIST teacher 46k -> 27k
+    samples/s)."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -28,23 +31,34 @@ def measure_speeds(models: list[nn.Module], sample: torch.Tensor, repeats: int, 
         models = [model.to("cpu").eval() for model in models]
         inputs = {b: sample.to("cpu").repeat(-(-b // sample.shape[0]), *([1] * (sample.dim() - 1)))[:b]
                   for b in BATCHES}
-        for model in models:
-            for x in inputs.values():
-                for _ in range(warmup):
-                    model(x)
+        own_pool = [i for i, model in enumerate(models) if getattr(model, "threads", None)]
+        groups = [[i for i in range(len(models)) if i not in own_pool], *([i] for i in own_pool)]
         times: dict[tuple[int, int], list[float]] = {(i, b): [] for i in range(len(models)) for b in BATCHES}
-        rounds = min(SPEED_ROUNDS, repeats)
-        for r in range(rounds):
-            share = repeats // rounds + (r < repeats % rounds)
-            for i, model in enumerate(models):
-                for b, x in inputs.items():
-                    for _ in range(share):
-                        start = time.perf_counter()
-                        model(x)
-                        times[(i, b)].append(time.perf_counter() - start)
+        for group in groups:
+            _time_interleaved([models[i] for i in group], inputs, repeats, warmup,
+                              [[times[(i, b)] for b in BATCHES] for i in group])
         return [{b: _speed(times[(i, b)], b, model) for b in BATCHES} for i, model in enumerate(models)]
     finally:
         torch.set_num_threads(previous)
+
+
+def _time_interleaved(models: list[nn.Module], inputs: dict[int, torch.Tensor], repeats: int, warmup: int,
+                      out: list[list[list[float]]]) -> None:
+    """Warm every model up, then time `repeats` runs of each (model, batch) in rounds; out[model][batch] gets
+    the seconds."""
+    for model in models:
+        for x in inputs.values():
+            for _ in range(warmup):
+                model(x)
+    rounds = min(SPEED_ROUNDS, repeats)
+    for r in range(rounds):
+        share = repeats // rounds + (r < repeats % rounds)
+        for model, model_out in zip(models, out):
+            for x, batch_out in zip(inputs.values(), model_out):
+                for _ in range(share):
+                    start = time.perf_counter()
+                    model(x)
+                    batch_out.append(time.perf_counter() - start)
 
 
 def _speed(times: list[float], batch: int, model: nn.Module) -> dict[str, float]:
