@@ -161,7 +161,6 @@ app.add_typer(_mlflow_commands)
 @app.command("params")
 def show_params(params: Path = ParamsOpt, set_: list[str] | None = SetOpt) -> None:
     """Validate the params file and print the effective settings."""
-
     typer.echo(_load(params, set_).to_yaml().rstrip())
 
 

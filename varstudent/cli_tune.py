@@ -121,7 +121,6 @@ def run_worker(settings, out: Path, prepared: Path, teacher: Path, worker_index:
 def write_best(settings, out: Path, max_accuracy_drop: float, to: Path) -> tuple[dict[str, Any], Any]:
     """Pick the trade-off trial of the study and write its settings to `to` as a params file; returns the
     trial's row and its Params (`tune best`, and the tune_pick task of the tuning pipeline)."""
-
     from varstudent import tune
     from varstudent.fileio import atomic_write_bytes
 

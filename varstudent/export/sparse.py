@@ -43,7 +43,7 @@ from torch import nn
 from varstudent.artifacts import read_tensors, write_tensors
 from varstudent.errors import ArtifactError
 from varstudent.export.folded import export_spec, folded_layers
-from varstudent.nn.architectures import Net, relu_pool, run_chain
+from varstudent.nn.architectures import Net, affine_columns, relu_pool, run_chain
 
 NAME = "sparse"
 FILLER_STRIDE = 256  # the largest column advance one uint8 gap encodes
@@ -191,8 +191,7 @@ class SparseLayer(nn.Module):
 
     def forward_columns(self, h: torch.Tensor) -> torch.Tensor:
         """(in, B) -> (out, B): CSR or dense W (out, in) @ h, the form both kernels were timed in."""
-        h = torch.addmm(self.bias[:, None], self.csr if self.csr is not None else self.weight, h)
-        return torch.relu_(h) if self.relu else h  # h is addmm's fresh output
+        return affine_columns(self.csr if self.csr is not None else self.weight, self.bias, h, self.relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":  # run_chain calls forward_columns itself; this is for a layer used alone

@@ -107,14 +107,20 @@ class Block(nn.Module):
 
     def forward_columns(self, h: torch.Tensor) -> torch.Tensor:
         """(in, B) -> (out, B): the same affine map + ReLU as forward, on the transposed activations."""
-        h = torch.addmm(self.op.bias[:, None], self.op.weight, h)
-        return torch.relu_(h) if self.relu else h  # h is addmm's fresh output
+        return affine_columns(self.op.weight, self.op.bias, h, self.relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.op(x)
         if self.bn is not None:
             x = self.bn(x)
         return relu_pool(x, self.relu, self.pool, fast=not self.training and not torch.is_grad_enabled())
+
+
+def affine_columns(weight: torch.Tensor, bias: torch.Tensor, h: torch.Tensor, relu: bool) -> torch.Tensor:
+    """W (out, in) @ h (in, B) + bias, then ReLU: one linear layer on transposed activations (run_chain);
+    `weight` may be a sparse CSR matrix."""
+    h = torch.addmm(bias[:, None], weight, h)
+    return torch.relu_(h) if relu else h  # h is addmm's fresh output
 
 
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
