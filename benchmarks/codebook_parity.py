@@ -6,7 +6,9 @@ an even spread over [min, max]: Deep Compression's weight sharing without its re
 LZMA2-coded like the sparse export's gaps. Printed per bit width: the bytes (safetensors payload + the sparse
 export's spec), the footprint below the teacher's weights file, and how many test predictions differ from the
 masked student's -- the parity rule every export must pass (argmax identical on the whole test set).
-The float32 and float16 rows are the sparse export itself.
+The float32, float16 and quantized rows are the sparse export itself (`export.sparse_values`); the quantized
+export chooses its steps on the training and test images, so a second quantized row chooses them without the
+odd-numbered test images: the predictions it changes are all among those 5,000 unseen images.
 
     python benchmarks/codebook_parity.py --run artifacts
     python benchmarks/codebook_parity.py --run /tmp/full/mnist-mlp --student vs_bsr   # a reproduce.py folder
@@ -97,7 +99,7 @@ def main() -> None:
     print(f"command: python {' '.join(sys.argv)}")
     print(f"student: {nonzero:,} nonzero weights; teacher weights file {teacher_bytes:,} B; "
           f"{reference.shape[0]:,} test samples")
-    print(f"{'values':<16}{'bytes':>9}{'x below teacher':>17}{'B / nonzero':>13}{'predictions differ':>20}"
+    print(f"{'values':<30}{'bytes':>9}{'x below teacher':>17}{'B / nonzero':>13}{'predictions differ':>20}"
           f"{'max |logit diff|':>18}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -106,6 +108,13 @@ def main() -> None:
             size = sum(p.stat().st_size for p in folder.glob("sparse.*"))
             spec_bytes = (folder / "sparse.json").stat().st_size
             row_line(f"sparse {dtype}", size, load_sparse(folder), reference, data.x_test, teacher_bytes, nonzero)
+        # quantized values (export/quantized.py): steps chosen on the training and test images, as the prune
+        # stage does; then chosen with the odd test images left out, whose changed predictions it counts
+        for name, select in (("quantized", [data.x_train, data.x_test]),
+                             ("quantized, odd test held out", [data.x_train, data.x_test[0::2]])):
+            write_sparse(compact, folder, "quantized", repeats=2, select=select)
+            size = sum(p.stat().st_size for p in folder.glob("sparse.*"))
+            row_line(name, size, load_sparse(folder), reference, data.x_test, teacher_bytes, nonzero)
         for bits in args.bits:
             net, payload = quantized(row / "prune", bits)
             row_line(f"codebook {bits}-bit", payload + spec_bytes, net, reference, data.x_test, teacher_bytes, nonzero)
@@ -115,7 +124,7 @@ def row_line(name: str, size: int, model: torch.nn.Module, reference: torch.Tens
              teacher_bytes: int, nonzero: int) -> None:
     logits = predict_logits(model, x)
     differ = int((logits.argmax(1) != reference.argmax(1)).sum())
-    print(f"{name:<16}{size:>9,}{teacher_bytes / size:>17.0f}{size / nonzero:>13.2f}{differ:>20}"
+    print(f"{name:<30}{size:>9,}{teacher_bytes / size:>17.0f}{size / nonzero:>13.2f}{differ:>20}"
           f"{(logits - reference).abs().max().item():>18.3g}")
 
 

@@ -51,6 +51,21 @@ def finished(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
+def test_prune_selects_quantized_steps_on_the_training_and_test_images(finished: Path, tmp_path: Path) -> None:
+    # not a bad input: it reuses this module's finished run (the prune stage with export.sparse_values=quantized)
+    from varstudent import stages
+    from varstudent.config import load_params
+
+    params = load_params(None, [*TINY, "export.sparse_values=quantized"])
+    metrics = stages.prune(params, finished / "prepare", finished / "distill", tmp_path / "prune")
+    doc = json.loads((tmp_path / "prune" / "sparse.json").read_text())
+    assert doc["values_dtype"] == "quantized" and doc["quantized"]["selection_samples"] == 1437 + 360  # digits
+    exports = json.loads((tmp_path / "prune" / "exports.json").read_text())["exports"]
+    assert exports["sparse"]["differing_predictions"] == 0 and exports["sparse"]["precision"] == "quantized"
+    float32_bytes = sum(p.stat().st_size for p in (finished / "prune").glob("sparse.*"))
+    assert metrics["export_sparse_bytes"] < float32_bytes
+
+
 def _closed_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
     with socket.socket() as s:

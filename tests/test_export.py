@@ -23,9 +23,11 @@ from varstudent.export import (
     check_parity,
     listed_exports,
     load_export,
+    quantized,
     weight_stats,
     write_exports,
 )
+from varstudent.export.folded import folded_layers
 from varstudent.export.rounding import rounding_bound
 from varstudent.export.sparse import decode_csr, encode_csr, pack_bytes, unpack_bytes
 from varstudent.nn.architectures import build_model, build_spec
@@ -463,3 +465,107 @@ def test_predict_reads_images(exported: Path, tmp_path: Path) -> None:
     assert torch.allclose(x[0], torch.from_numpy(pixels / 255.0).float()[None])
     assert torch.allclose(x[2], x[0])
     assert (x[1] - x[0]).abs().mean() < 0.15  # the same picture after a round trip through RGB and resizing
+
+
+@pytest.mark.parametrize("codes", [
+    [0, 1, -1, 2, -2, 3, 255, -256, 2**23 - 1, -(2**29)],  # every bit length up to 30, zeros (CSR fillers)
+    list(range(-700, 700)),
+    [],
+])
+def test_quantized_codes_round_trip_through_categories_and_bits(codes) -> None:
+    codes = np.asarray(codes, dtype=np.int64)
+    categories, bits = quantized.pack_codes(codes)
+    assert np.array_equal(quantized.unpack_codes(categories, bits, codes.size, "v"), codes)
+    # the plain bits are exactly those below each code's leading one
+    assert bits.size == -(-sum(max(int(abs(c)).bit_length() - 1, 0) for c in codes) // 8)
+
+
+def test_quantized_code_streams_that_disagree_are_clear_errors() -> None:
+    codes = np.arange(-50, 50, dtype=np.int64)
+    categories, bits = quantized.pack_codes(codes)
+    assert bits.size == 48  # 100 codes of bit length 0..6: 376 plain bits
+    with pytest.raises(ArtifactError, match="v: the value bits hold 47 bytes, the categories imply 48"):
+        quantized.unpack_codes(categories, bits[:-1], codes.size, "v")
+    with pytest.raises(ArtifactError, match="a category byte is not 2 \\* bit length"):
+        quantized.unpack_codes(pack_bytes(np.full(4, 1, np.uint8)), bits[:0], 4, "v")  # "-0"
+    with pytest.raises(ArtifactError, match="a category byte is not 2 \\* bit length"):
+        quantized.unpack_codes(pack_bytes(np.full(4, 62, np.uint8)), bits[:0], 4, "v")  # 31 bits
+    with pytest.raises(ValueError, match="a code needs 31 bits"):
+        quantized.pack_codes(np.array([2**30]))
+
+
+def test_the_step_search_finds_each_layers_coarsest_passing_step() -> None:
+    # a stand-in for the export's predictions: they hold while each layer's step is at most its limit
+    matrices = [np.full((3, 4), 1.5), np.full((2, 3), 0.2), np.zeros((2, 2))]  # tops 0, -3; an empty layer
+    limits = [-6, -9]
+    tried = []
+
+    def predicts(steps):
+        tried.append(list(steps))
+        return torch.tensor([int(all(s <= lim for s, lim in zip(steps, limits)))])
+
+    steps = quantized.choose_steps(matrices, predicts, torch.tensor([1]))
+    assert steps == [-6, -9, -quantized.FINEST]
+    assert len(tried) <= 2 * 5  # a binary search over the 24 candidate steps of each non-empty layer
+    assert tried[0][1] == -3 - quantized.FINEST  # the largest layer first, the others still at their finest
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_quantized_sparse_values_keep_every_prediction_in_fewer_bytes(name: str, tmp_path: Path) -> None:
+    net = NETS[name]().eval()
+    small = compact(net)
+    x, x_select = torch.rand(64, *net.spec["input_shape"]), torch.rand(64, *net.spec["input_shape"])
+    with torch.no_grad():
+        reference = net(x)
+    write_exports(small, ["sparse"], tmp_path / "f32", x, reference, choose_repeats=1)
+    with pytest.raises(ValueError, match="quantized values need the selection inputs"):
+        write_exports(small, ["sparse"], tmp_path / "q", x, reference, "quantized", choose_repeats=1)
+    manifest = write_exports(small, ["sparse"], tmp_path / "q", x, reference, "quantized", choose_repeats=1,
+                             select=[x_select, x])
+    doc = json.loads((tmp_path / "q" / "sparse.json").read_text())
+    assert doc["values_dtype"] == "quantized" and doc["quantized"]["selection_samples"] == 128
+    model, float32 = load_export(tmp_path / "q", "sparse"), load_export(tmp_path / "f32", "sparse")
+    with torch.no_grad():
+        logits = model(x)
+        assert torch.equal(model(x_select).argmax(1), float32(x_select).argmax(1))  # the selection's predictions
+    assert torch.equal(logits.argmax(1), reference.argmax(1))
+    steps = [c["step_log2"] for c in doc["choices"]]
+    tops = [quantized.top_exponent(lay.weight.numpy()) for lay in folded_layers(small)]
+    has_weights = [bool(lay.weight.any()) for lay in folded_layers(small)]  # mlp_dead_layer keeps biases only
+    assert any(s > t - quantized.FINEST for s, t, w in zip(steps, tops, has_weights) if w) or not any(has_weights)
+    bound = rounding_bound(small, x, "quantized", folded=True, steps=[2.0 ** s for s in steps])
+    assert ((logits - reference).abs() <= bound + FLOAT32_TOLERANCE).all()  # the bound the parity check uses
+    assert manifest["exports"]["sparse"]["tolerance_rule"] == "rounding bound + float32 slack"
+    assert manifest["exports"]["sparse"]["bytes"] < sum(p.stat().st_size for p in (tmp_path / "f32").glob("sparse.*"))
+
+
+@pytest.fixture
+def quantized_export(tmp_path: Path) -> Path:
+    net = mlp_with_a_full_layer().eval()
+    x = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        reference = net(x)
+    write_exports(compact(net), ["sparse"], tmp_path, x, reference, "quantized", choose_repeats=1, select=[x])
+    return tmp_path
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: _rewrite_safetensors(f, "sparse", lambda t: t.pop("layers.0.value_bits")),
+     "missing: ['layers.0.value_bits']"),
+    (lambda f: _rewrite_safetensors(f, "sparse", lambda t: t.update({"layers.0.bias": torch.zeros(39)})),
+     "unexpected: ['layers.0.bias']"),  # a quantized layer's biases are in its code stream
+    (lambda f: _rewrite_safetensors(f, "sparse", lambda t: t.update(
+        {"layers.0.value_bits": torch.cat([t["layers.0.value_bits"], torch.tensor([7], dtype=torch.uint8)])})),
+     "the categories imply"),
+    (lambda f: _rewrite_safetensors(f, "sparse", lambda t: t.update(
+        {"layers.2.weight": t["layers.2.weight"].float()})), "categories are float32"),
+    (lambda f: _edit_json(f, "sparse.json", lambda d: d["choices"][1].update(step_log2=1.5)),
+     "step_log2 1.5 is not an integer"),
+    (lambda f: _edit_json(f, "sparse.json", lambda d: d.update(streams="lzma2-raw gaps, lzma2-raw shuffled values")),
+     "not a sparse export spec"),
+])
+def test_tampered_quantized_exports_are_clear_errors(quantized_export: Path, damage, message: str) -> None:
+    damage(quantized_export)
+    with pytest.raises(ArtifactError) as info:
+        load_export(quantized_export, "sparse")
+    assert message in str(info.value)

@@ -123,8 +123,10 @@ EXPORT_FORMATS = ("compact", "compact_fp16", "compact_bf16", "sparse", "onnx")
 class ExportConfig:
     formats: tuple[str, ...] = _f(("compact", "sparse", "onnx"), "exports prune writes and parity-checks "
                                   "(compact.* is always written); predict uses the first", choices=EXPORT_FORMATS)
-    sparse_values: str = _f("float32", "value dtype of the sparse export (float16 halves its values' bytes)",
-                            choices=("float32", "float16"))
+    sparse_values: str = _f("float32", "values of the sparse export: float32, float16 (half the bytes), or "
+                            "quantized (integer codes on a step per layer that keeps the predictions; "
+                            "export/quantized.py)",
+                            choices=("float32", "float16", "quantized"))
     choose_repeats: int = _f(20, "timed runs per layer when the sparse export picks CSR or dense", lo=1)
 
 

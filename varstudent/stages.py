@@ -255,8 +255,9 @@ def prune(params: Params, data_dir: Path, student_dir: Path, out_dir: Path) -> d
     save_model(compact_net, out_dir, "compact", meta={"source": "prune", "threshold": params.prune.threshold,
                                                       "export_format": "compact"})
     cfg = params.export
-    exports = write_exports(compact_net, cfg.formats, out_dir, data.x_test, masked_logits,
-                            cfg.sparse_values, cfg.choose_repeats)
+    exports = write_exports(compact_net, cfg.formats, out_dir, data.x_test, masked_logits, cfg.sparse_values,
+                            cfg.choose_repeats, select=[data.x_train, data.x_test] if cfg.sparse_values == "quantized"
+                            else None)
     metrics: dict[str, Any] = {"nonzero_weights": nonzero_weights(compact_net),
                                "masked_nonzero_weights": nonzero_weights(student),
                                "compact_weights": weight_count(compact_net.spec),

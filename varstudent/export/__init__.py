@@ -11,8 +11,8 @@
 `write_exports` writes the requested formats, loads each back from disk and checks its test predictions
 against the masked student's: argmax identical, and logits within FLOAT32_TOLERANCE for float32 formats, or
 within what rounding the parameters to float16 / bfloat16 can move each one (rounding.py) plus that slack for
-reduced-precision formats; a mismatch is a ParityError naming the format and the number of differing
-predictions. `exports.json` (written last)
+reduced-precision formats (for quantized sparse values, half a step per weight: quantized.py); a mismatch is a
+ParityError naming the format and the number of differing predictions. `exports.json` (written last)
 lists what passed, in the order of `export.formats`: the first is what `load_export(folder)` opens.
 """
 
@@ -77,14 +77,14 @@ def check_parity(fmt: str, reference: torch.Tensor, logits: torch.Tensor,
 
 
 def write_export(fmt: str, net: Net, directory: Path, sparse_values: str = "float32",
-                 choose_repeats: int = 20) -> None:
+                 choose_repeats: int = 20, select: list[torch.Tensor] | None = None) -> None:
     """Write one export of the compact `net` (compact itself is the prune stage's own output)."""
     if fmt in REDUCED:
         save_model(net, directory, fmt, meta={"export_format": fmt}, storage_dtype=REDUCED[fmt])
     elif fmt == "sparse":
         from varstudent.export.sparse import write_sparse
 
-        write_sparse(net, directory, sparse_values, choose_repeats)
+        write_sparse(net, directory, sparse_values, choose_repeats, select)
     elif fmt == "onnx":
         from varstudent.export.onnx_graph import write_onnx
 
@@ -94,33 +94,42 @@ def write_export(fmt: str, net: Net, directory: Path, sparse_values: str = "floa
 
 
 def write_exports(net: Net, formats: tuple[str, ...] | list[str], directory: Path, x: torch.Tensor,
-                  reference: torch.Tensor, sparse_values: str = "float32", choose_repeats: int = 20
-                  ) -> dict[str, Any]:
-    """Write, reload and parity-check each format against `reference` (the masked student's logits on x)."""
-    from varstudent.train import predict_logits
-
+                  reference: torch.Tensor, sparse_values: str = "float32", choose_repeats: int = 20,
+                  select: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Write, reload and parity-check each format against `reference` (the masked student's logits on x).
+    `select`: the input batches whose predictions choose the steps of quantized sparse values (quantized.py)."""
     (directory / MANIFEST).unlink(missing_ok=True)  # a failed run must not leave the last run's list behind
     checked: dict[str, Any] = {}
     for fmt in formats:
-        write_export(fmt, net, directory, sparse_values, choose_repeats)
         stored = precision(fmt, sparse_values)
-        atol: float | torch.Tensor = FLOAT32_TOLERANCE
-        if stored in ROUNDING:  # the sparse export folds batch norm and keeps float32 biases
-            atol = rounding_bound(net, x, stored, folded=fmt == "sparse") + FLOAT32_TOLERANCE
         try:
-            logits = predict_logits(load_export(directory, fmt), x)
-            checked[fmt] = check_parity(fmt, reference, logits, atol)
+            write_export(fmt, net, directory, sparse_values, choose_repeats, select)
+            checked[fmt] = _check_export(fmt, stored, net, directory, x, reference)
         except ArtifactError:
             if fmt != "compact":  # an export that fails its check is not left where it could be used
                 for path in export_files(directory, fmt):
                     path.unlink(missing_ok=True)
             raise
         checked[fmt].update(precision=stored, files=list(FILES[fmt]),
-                            tolerance_rule="rounding bound + float32 slack" if stored in ROUNDING else "fixed",
+                            tolerance_rule="fixed" if stored == "float32" else "rounding bound + float32 slack",
                             bytes=sum(p.stat().st_size for p in export_files(directory, fmt)))
     manifest = {"formats": list(formats), "exports": checked, "checked_on": f"{x.shape[0]} test samples"}
     write_json(directory / MANIFEST, manifest)
     return manifest
+
+
+def _check_export(fmt: str, stored: str, net: Net, directory: Path, x: torch.Tensor,
+                  reference: torch.Tensor) -> dict[str, Any]:
+    """check_parity of the export on disk, with the tolerance its precision allows."""
+    from varstudent.train import predict_logits
+
+    atol: float | torch.Tensor = FLOAT32_TOLERANCE
+    if stored in ROUNDING:  # the sparse export folds batch norm and keeps float32 biases
+        atol = rounding_bound(net, x, stored, folded=fmt == "sparse") + FLOAT32_TOLERANCE
+    elif stored == "quantized":
+        steps = [2.0 ** c["step_log2"] for c in read_json(directory / FILES[fmt][0], "sparse export")["choices"]]
+        atol = rounding_bound(net, x, stored, folded=True, steps=steps) + FLOAT32_TOLERANCE
+    return check_parity(fmt, reference, predict_logits(load_export(directory, fmt), x), atol)
 
 
 def export_files(directory: Path, fmt: str) -> list[Path]:

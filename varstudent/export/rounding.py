@@ -40,20 +40,28 @@ def _per_unit(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(1, -1, *([1] * (like.dim() - 2)))
 
 
-def rounding_bound(net: Net, x: torch.Tensor, precision: str, folded: bool, batch_size: int = 500) -> torch.Tensor:
+def rounding_bound(net: Net, x: torch.Tensor, precision: str, folded: bool, batch_size: int = 500,
+                   steps: list[float] | None = None) -> torch.Tensor:
     """rounding_bound_batch over x in batches (a conv net's three passes per layer hold a lot)."""
-    return torch.cat([rounding_bound_batch(net, x[i:i + batch_size], precision, folded)
+    return torch.cat([rounding_bound_batch(net, x[i:i + batch_size], precision, folded, steps)
                       for i in range(0, x.shape[0], batch_size)])
 
 
 @torch.no_grad()
-def rounding_bound_batch(net: Net, x: torch.Tensor, precision: str, folded: bool) -> torch.Tensor:
+def rounding_bound_batch(net: Net, x: torch.Tensor, precision: str, folded: bool,
+                         steps: list[float] | None = None) -> torch.Tensor:
     """(B, classes): the most each logit of `net` on x can move when its parameters are stored in `precision`.
 
     folded=True: the export stores batch norm folded into the weights and float32 biases (the sparse export);
     folded=False: every parameter, batch norm included, is rounded (compact_fp16 / compact_bf16).
+    precision "quantized" (folded only): layer l's weights rounded to multiples of steps[l], each moving by at
+    most half a step, biases too (quantized.py).
     """
-    u, eta = ROUNDING[precision]
+    if precision == "quantized":
+        assert folded and steps is not None, "quantized weights are the sparse export's: folded, with steps"
+        u, eta = 0.0, 0.0
+    else:
+        u, eta = ROUNDING[precision]
 
     def r(v: torch.Tensor) -> torch.Tensor:
         return u * v.abs() + eta * (v != 0)
@@ -68,14 +76,16 @@ def rounding_bound_batch(net: Net, x: torch.Tensor, precision: str, folded: bool
         if net.input_index is not None:
             h = h.index_select(1, net.input_index)
     error = torch.zeros_like(h)
-    for kind, weight, bias, bn, relu, pool, padding in layers:
+    for i, (kind, weight, bias, bn, relu, pool, padding) in enumerate(layers):
         if h.dim() == 4 and kind == "linear":
             h, error = h.flatten(1), error.flatten(1)
-        moved = r(weight)
+        moved = r(weight) if steps is None else (steps[i] / 2) * (weight != 0).float()
         z = _apply(kind, h, weight, padding) + _per_unit(bias, h)
         error = _apply(kind, error, weight.abs() + moved, padding) + _apply(kind, h.abs(), moved, padding)
         if not folded:
             error = error + _per_unit(r(bias), z)
+        elif steps is not None:  # quantized biases move by half their layer's step
+            error = error + _per_unit((steps[i] / 2) * (bias != 0).float(), z)
         if bn is not None:
             scale = bn["weight"] / torch.sqrt(bn["running_var"] + bn["eps"])
             centred = z - _per_unit(bn["running_mean"], z)

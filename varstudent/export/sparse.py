@@ -8,8 +8,11 @@ Storage (sparse.safetensors), per layer i, whichever of the two is smaller:
   (out, in*k*k) matrix.
 - dense: `layers.i.weight`, all out*in*k*k values (coded as below), when the matrix has so few zeros that CSR
   would be larger.
-Values are float32, or float16 on request; biases are float32. Batch norm is folded into the weights
-(folded.py). An MLP's kept inputs are `input_mask`, one bit per input pixel.
+Values are float32, or float16 on request; biases are float32. Or, `quantized`, integer codes on one
+power-of-two step per layer, biases included, in a size-category stream `values` (`weight` for a dense-stored
+layer) and its plain bits `value_bits` (`weight_bits`), the biases' codes after the weights' (quantized.py).
+Batch norm is folded into the weights (folded.py). An MLP's kept inputs are `input_mask`, one bit per input
+pixel.
 
 The gap stream is stored LZMA2-compressed (raw, the standard library's `lzma`): a one-byte gap carries ~3.3
 bits of information on the MNIST student, and the coder gets within 5 % of that order-0 entropy (what Deep
@@ -28,7 +31,6 @@ F.conv2d: torch has no sparse convolution kernel on the CPU, so for them CSR is 
 
 from __future__ import annotations
 
-import lzma
 import statistics
 import time
 import warnings
@@ -42,7 +44,9 @@ from torch import nn
 
 from varstudent.artifacts import read_tensors, write_tensors
 from varstudent.errors import ArtifactError
+from varstudent.export import quantized
 from varstudent.export.folded import export_spec, folded_layers
+from varstudent.export.streams import pack_bytes, unpack_bytes
 from varstudent.nn.architectures import Net, affine_columns, relu_pool, run_chain
 
 NAME = "sparse"
@@ -51,34 +55,12 @@ CHOICE_RULE = "csr when its median time at batch 256 is below dense's, else dens
 # how gaps and values are stored (sparse.json's `streams`): exports before this version say "lzma2-raw" (gaps
 # coded, values plain) or nothing (both plain); they still load
 STREAMS = "lzma2-raw gaps, lzma2-raw shuffled values"
+QUANTIZED_STREAMS = "lzma2-raw gaps, lzma2-raw value categories + plain value bits"  # quantized.py
 OLDER_STREAMS = ("raw", "lzma2-raw")
-_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 _NUMPY_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32)
 # a layer is decoded to a dense float32 matrix: the spec may not ask for more than 1 GiB of it (a crafted spec
 # could otherwise ask for any size); the largest layer any architecture here has is VGG-like's 2.4M weights
 MAX_LAYER_WEIGHTS = 2**28
-
-
-def pack_bytes(stream: np.ndarray) -> np.ndarray:
-    """uint8 stream -> its raw LZMA2 compression, as a uint8 array (what the safetensors file holds)."""
-    packed = lzma.compress(stream.astype(np.uint8).tobytes(), format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-    return np.frombuffer(packed, dtype=np.uint8).copy()
-
-
-def unpack_bytes(packed: np.ndarray, length: int, where: str) -> np.ndarray:
-    """The `length` bytes packed by pack_bytes; a clear error for a corrupt stream or another length."""
-    if length < 0:  # lzma reads a negative max_length as "no limit"
-        raise ArtifactError(f"{where}: the spec and row_entries imply a negative length ({length})")
-    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-    try:  # never inflate past what the spec announces (a crafted stream could otherwise fill memory)
-        stream = decompressor.decompress(packed.astype(np.uint8).tobytes(), max_length=length + 1)
-    except lzma.LZMAError as exc:
-        raise ArtifactError(f"{where}: not a valid LZMA2 stream ({exc})") from None
-    if len(stream) > length:
-        raise ArtifactError(f"{where}: inflates past the {length} bytes the spec and row_entries imply")
-    if len(stream) < length:
-        raise ArtifactError(f"{where}: holds {len(stream)} bytes, the spec and row_entries imply {length}")
-    return np.frombuffer(stream, dtype=np.uint8)
 
 
 def pack_values(values: np.ndarray) -> np.ndarray:
@@ -220,41 +202,87 @@ class SparseNet(nn.Module):
         return sum(s[0] for s in stats), sum(s[1] for s in stats)
 
 
-def write_sparse(net: Net, directory: Path, values_dtype: str = "float32", repeats: int = 20) -> Path:
+def write_sparse(net: Net, directory: Path, values_dtype: str = "float32", repeats: int = 20,
+                 select: list[torch.Tensor] | None = None) -> Path:
+    """Write the sparse export of the compact `net`. values_dtype "quantized" needs `select`, the input batches
+    whose predictions choose the steps (quantized.py)."""
     layers = folded_layers(net)
     spec = export_spec(net, layers)
-    vdtype = np.dtype(values_dtype)
+    matrices = [layer.weight.reshape(layer.weight.shape[0], -1).numpy() for layer in layers]  # (out, in*k*k)
+    steps = None
+    if values_dtype == quantized.NAME:
+        if not select:
+            raise ValueError("quantized values need the selection inputs that choose their steps")
+        steps = _quantized_steps(layers, spec, net.input_index, matrices, select)
     tensors: dict[str, torch.Tensor] = {}
     if net.input_index is not None:
         mask = np.zeros(int(np.prod(spec["input_shape"])), dtype=bool)
         mask[net.input_index.numpy()] = True
         tensors["input_mask"] = torch.from_numpy(np.packbits(mask))  # one bit per input pixel
     choices = []
-    for i, layer in enumerate(layers):
-        matrix = layer.weight.reshape(layer.weight.shape[0], -1).numpy()  # (out, in*k*k)
-        csr = encode_csr(matrix, vdtype)
-        stored = {"row_entries": csr["row_entries"], "gaps": pack_bytes(csr["gaps"]),
-                  "values": pack_values(csr["values"])}
-        dense = pack_values(matrix.astype(vdtype).ravel())  # zeros included, coded the same way
-        csr_bytes, dense_bytes = sum(a.nbytes for a in stored.values()), dense.nbytes
+    for i, (layer, matrix) in enumerate(zip(layers, matrices)):
+        if steps is None:
+            vdtype = np.dtype(values_dtype)
+            csr = encode_csr(matrix, vdtype)
+            stored = {"row_entries": csr["row_entries"], "gaps": pack_bytes(csr["gaps"]),
+                      "values": pack_values(csr["values"])}
+            dense = {"weight": pack_values(matrix.astype(vdtype).ravel())}  # zeros included, coded the same way
+            rounded = matrix.astype(vdtype).astype(np.float32)
+            bias = layer.bias
+        else:  # the bias codes follow the weight codes in the same stream, on the same step
+            codes, bias_codes = quantized.quantize(matrix, steps[i]), quantized.quantize(layer.bias.numpy(), steps[i])
+            csr = encode_csr(codes, np.dtype(np.int64))  # a weight rounded to 0 leaves the CSR
+            categories, bits = quantized.pack_codes(np.r_[csr["values"], bias_codes])
+            stored = {"row_entries": csr["row_entries"], "gaps": pack_bytes(csr["gaps"]), "values": categories,
+                      "value_bits": bits}
+            categories, bits = quantized.pack_codes(np.r_[codes.ravel(), bias_codes])
+            dense = {"weight": categories, "weight_bits": bits}
+            rounded = quantized.dequantize(codes, steps[i])
+            bias = torch.from_numpy(quantized.dequantize(bias_codes, steps[i]))
+        csr_bytes, dense_bytes = (sum(a.nbytes for a in part.values()) for part in (stored, dense))
         storage = "csr" if csr_bytes < dense_bytes else "dense"
-        if storage == "csr":
-            tensors.update({f"layers.{i}.{k}": torch.from_numpy(v) for k, v in stored.items()})
-        else:
-            tensors[f"layers.{i}.weight"] = torch.from_numpy(dense)
-        tensors[f"layers.{i}.bias"] = layer.bias
+        tensors.update({f"layers.{i}.{k}": torch.from_numpy(v) for k, v in (stored if storage == "csr"
+                                                                            else dense).items()})
+        if steps is None:
+            tensors[f"layers.{i}.bias"] = bias
         choice: dict[str, Any] = {"storage": storage, "csr_bytes": int(csr_bytes), "dense_bytes": int(dense_bytes),
-                                  "nonzero": int(np.count_nonzero(matrix)), "weights": int(matrix.size)}
+                                  "nonzero": int(np.count_nonzero(rounded)), "weights": int(matrix.size)}
+        if steps is not None:
+            choice["step_log2"] = steps[i]
         if layer.kind == "linear":
-            rounded = torch.from_numpy(matrix.astype(vdtype).astype(np.float32))
-            choice.update(time_linear(rounded, layer.bias, repeats))
+            choice.update(time_linear(torch.from_numpy(rounded), bias, repeats))
         else:
             choice.update(execution="dense", ms=None)
         choices.append(choice)
-    return write_tensors(directory, NAME, tensors, {
-        "format": NAME, "spec": spec, "input_mask": "input_mask" in tensors, "values_dtype": values_dtype,
-        "streams": STREAMS, "choices": choices, "rule": CHOICE_RULE, "threads": torch.get_num_threads()},
-        one_line=True)  # its indentation was ~1 kB of a ~15 kB export
+    doc = {"format": NAME, "spec": spec, "input_mask": "input_mask" in tensors, "values_dtype": values_dtype,
+           "streams": STREAMS if steps is None else QUANTIZED_STREAMS, "choices": choices, "rule": CHOICE_RULE,
+           "threads": torch.get_num_threads()}
+    if steps is not None:
+        doc["quantized"] = {"rule": quantized.RULE, "selection_samples": sum(int(x.shape[0]) for x in select)}
+    return write_tensors(directory, NAME, tensors, doc, one_line=True)  # indentation was ~1 kB of ~15 kB
+
+
+def _quantized_steps(layers: list, spec: dict[str, Any], input_index: torch.Tensor | None,
+                     matrices: list[np.ndarray], select: list[torch.Tensor]) -> list[int]:
+    """quantized.choose_steps with this format's own forward: predictions of the export on `select` with the
+    layers' weights quantized, against those of the unquantized export."""
+    from varstudent.train import predict_logits
+
+    biases = [lay.bias.numpy() for lay in layers]
+
+    def predicts(weights: list[np.ndarray], biases: list[np.ndarray]) -> torch.Tensor:
+        built = [SparseLayer(s, torch.from_numpy(w).reshape(lay.weight.shape), torch.from_numpy(b), "dense")
+                 for s, w, b, lay in zip(spec["layers"], weights, biases, layers)]
+        net = SparseNet(spec, built, input_index)
+        with torch.no_grad():
+            return torch.cat([predict_logits(net, x).argmax(1) for x in select])
+
+    def rounded(arrays: list[np.ndarray], steps: list[int]) -> list[np.ndarray]:
+        return [quantized.dequantize(quantized.quantize(a, e), e) for a, e in zip(arrays, steps)]
+
+    reference = predicts([m.astype(np.float32) for m in matrices], biases)
+    return quantized.choose_steps(
+        matrices, lambda steps: predicts(rounded(matrices, steps), rounded(biases, steps)), reference)
 
 
 def _tensor(tensors: dict[str, torch.Tensor], key: str, where: str) -> np.ndarray:
@@ -273,10 +301,12 @@ def load_sparse(directory: Path) -> SparseNet:
         specs = spec["layers"]
         input_shape = [int(d) for d in spec["input_shape"]]
         streams = doc.get("streams", "raw")  # sparse exports written before the gaps were coded still load
-        values_dtype = np.dtype(doc["values_dtype"])
+        is_quantized = doc["values_dtype"] == quantized.NAME
+        values_dtype = None if is_quantized else np.dtype(doc["values_dtype"])
         if doc["format"] != NAME or len(choices) != len(specs) or not specs \
-                or streams not in (*OLDER_STREAMS, STREAMS) or values_dtype.kind != "f":
-            raise ValueError("format, streams, or the number of layers and choices differ")
+                or (streams != QUANTIZED_STREAMS if is_quantized else
+                    streams not in (*OLDER_STREAMS, STREAMS) or values_dtype.kind != "f"):
+            raise ValueError("format, streams, values_dtype, or the number of layers and choices differ")
         expected = {"input_mask"} if doc["input_mask"] else set()
         for i, (layer, choice) in enumerate(zip(specs, choices)):
             if choice["storage"] not in ("csr", "dense") or choice["execution"] not in ("csr", "dense") \
@@ -286,8 +316,15 @@ def load_sparse(directory: Path) -> SparseNet:
             if not all(type(d) is int and d > 0 for d in dims) or dims[0] * dims[1] * dims[2] ** 2 > MAX_LAYER_WEIGHTS:
                 raise ValueError(f"layer {i}: sizes (out, in, kernel) {dims} are not positive integers of at most "
                                  f"{MAX_LAYER_WEIGHTS:,} weights")
+            if is_quantized:
+                low, high = quantized.STEP_LOG2_RANGE
+                if type(choice.get("step_log2")) is not int or not low <= choice["step_log2"] <= high:
+                    raise ValueError(f"layer {i}: step_log2 {choice.get('step_log2')!r} is not an integer in "
+                                     f"[{low}, {high}]")
             parts = ("row_entries", "gaps", "values") if choice["storage"] == "csr" else ("weight",)
-            expected |= {f"layers.{i}.{p}" for p in (*parts, "bias")}
+            if is_quantized:  # the bias codes are in the values' (weight's) stream
+                parts += ("value_bits",) if choice["storage"] == "csr" else ("weight_bits",)
+            expected |= {f"layers.{i}.{p}" for p in (*parts, *(() if is_quantized else ("bias",)))}
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{directory / (NAME + '.json')}: not a sparse export spec ({exc!r})") from None
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -306,13 +343,19 @@ def load_sparse(directory: Path) -> SparseNet:
     for i, (layer, choice) in enumerate(zip(specs, choices)):
         k = layer["kernel"] if layer["kind"] == "conv" else 1
         shape = (layer["out"], layer["in"], k, k) if layer["kind"] == "conv" else (layer["out"], layer["in"])
+        matrix_shape = (layer["out"], layer["in"] * k * k)
+        if is_quantized:
+            matrix, bias_values = _decode_quantized(tensors, i, choice, matrix_shape, f"{where}: layer {i}")
+            weight, bias = torch.from_numpy(matrix).reshape(shape), torch.from_numpy(bias_values)
+            layers.append(SparseLayer(layer, weight, bias, choice["execution"] if layer["kind"] == "linear"
+                                      else "dense"))
+            continue
         bias = tensors[f"layers.{i}.bias"].float()
         if tuple(bias.shape) != shape[:1]:  # checked before any stream of the layer is inflated
             raise ArtifactError(f"{where}: tensor layers.{i}.bias has shape {tuple(bias.shape)}, the spec says "
                                 f"{shape[:1]}")
         if choice["storage"] == "csr":
-            matrix = _decode_layer(tensors, i, (layer["out"], layer["in"] * k * k), streams, values_dtype,
-                                   f"{where}: layer {i}")
+            matrix = _decode_layer(tensors, i, matrix_shape, streams, values_dtype, f"{where}: layer {i}")
             weight = torch.from_numpy(matrix).reshape(shape)
         elif streams == STREAMS:
             packed = _tensor(tensors, f"layers.{i}.weight", where)
@@ -330,18 +373,24 @@ def load_sparse(directory: Path) -> SparseNet:
     return SparseNet(spec, layers, input_index).eval()
 
 
-def _decode_layer(tensors: dict[str, torch.Tensor], i: int, shape: tuple[int, int], streams: str,
-                  values_dtype: np.dtype, where: str) -> np.ndarray:
-    """One CSR-stored layer back to its dense float32 (out, n) matrix, its gaps and values decoded as `streams`
-    says they were stored."""
+def _row_entries(tensors: dict[str, torch.Tensor], i: int, shape: tuple[int, int], where: str
+                 ) -> tuple[np.ndarray, int]:
+    """A CSR layer's entries per row, checked against its shape, and their sum: the length its streams inflate to."""
     row_entries = _tensor(tensors, f"layers.{i}.row_entries", where)
-    if row_entries.shape != (shape[0],):  # its sum is the length the streams must inflate to
+    if row_entries.shape != (shape[0],):
         raise ArtifactError(f"{where}: row_entries has shape {row_entries.shape}, the spec says ({shape[0]},)")
     counts = row_entries.astype(np.int64)
     most = shape[1] + -(-shape[1] // FILLER_STRIDE)  # every column of a row, and the fillers of its gaps
     if row_entries.dtype.kind not in "iu" or (counts < 0).any() or (counts > most).any():
         raise ArtifactError(f"{where}: row_entries must count 0..{most} entries per row of {shape[1]} columns")
-    entries = int(counts.sum())
+    return row_entries, int(counts.sum())
+
+
+def _decode_layer(tensors: dict[str, torch.Tensor], i: int, shape: tuple[int, int], streams: str,
+                  values_dtype: np.dtype, where: str) -> np.ndarray:
+    """One CSR-stored layer back to its dense float32 (out, n) matrix, its gaps and values decoded as `streams`
+    says they were stored."""
+    row_entries, entries = _row_entries(tensors, i, shape, where)
     gaps = _tensor(tensors, f"layers.{i}.gaps", where)
     values = _tensor(tensors, f"layers.{i}.values", where)
     if streams != "raw":
@@ -351,3 +400,23 @@ def _decode_layer(tensors: dict[str, torch.Tensor], i: int, shape: tuple[int, in
             raise ArtifactError(f"{where}: values are {values.dtype}, the spec says a packed byte stream")
         values = unpack_values(values, entries, values_dtype, f"{where}: values")
     return decode_csr(row_entries, gaps, values, shape, where)
+
+
+def _decode_quantized(tensors: dict[str, torch.Tensor], i: int, choice: dict[str, Any], shape: tuple[int, int],
+                      where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A quantized layer's float32 (out, n) matrix and bias: one code stream holds its weights (the CSR's
+    values, or every weight) and then its biases."""
+    out, step = shape[0], choice["step_log2"]
+    if choice["storage"] == "csr":
+        row_entries, entries = _row_entries(tensors, i, shape, where)
+        gaps = unpack_bytes(_tensor(tensors, f"layers.{i}.gaps", where), entries, f"{where}: gaps")
+        codes = quantized.unpack_codes(_tensor(tensors, f"layers.{i}.values", where),
+                                       _tensor(tensors, f"layers.{i}.value_bits", where), entries + out,
+                                       f"{where}: values")
+        matrix = decode_csr(row_entries, gaps, quantized.dequantize(codes[:entries], step), shape, where)
+    else:
+        codes = quantized.unpack_codes(_tensor(tensors, f"layers.{i}.weight", where),
+                                       _tensor(tensors, f"layers.{i}.weight_bits", where), shape[0] * shape[1] + out,
+                                       f"{where}: weight")
+        matrix = quantized.dequantize(codes[:-out], step).reshape(shape)
+    return matrix, quantized.dequantize(codes[-out:], step)
