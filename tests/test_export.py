@@ -151,6 +151,41 @@ def test_inference_runs_the_linear_tail_on_transposed_activations(
         torch.testing.assert_close(columns, rows, rtol=0, atol=1e-5)
 
 
+def test_a_pruned_mlp_runs_its_first_layer_widened_where_that_beats_the_gather(tmp_path: Path) -> None:
+    from varstudent.nn.architectures import run_chain, widened_first_weight
+
+    weight, index = torch.randn(4, 6), torch.tensor([0, 2, 3, 5, 7, 8])
+    wide = widened_first_weight(weight, index, 9)  # 4 x 3 zero columns <= 75 x 6 kept: widened
+    assert wide.shape == (4, 9) and torch.equal(wide[:, index], weight) and not wide[:, [1, 4, 6]].any()
+    assert widened_first_weight(torch.randn(100, 10), torch.arange(10), 784) is None  # 100 x 774 > 75 x 10
+
+    net = build_model(build_spec("mlp-40-20", (1, 8, 8), 10, variational=True))
+    randomly_sparse(net, 0.5)
+    first = variational_layers(net)[0]
+    keep = torch.rand(first.weight.shape) < 0.5
+    keep[:, :20] = False  # 20 of the 64 inputs dropped
+    set_keep(first, keep)
+    small = compact(net).eval()
+    assert small.input_index.numel() == 44
+    x = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        gathered = run_chain(x, small.blocks, small.input_index)  # the gather path
+        torch.testing.assert_close(small(x), gathered, rtol=0, atol=1e-5)
+        assert small._widened[1].shape == (small.blocks[0].op.out_features, 64)
+        small.blocks[0].op.weight.mul_(2.0)  # an in-place change: the widened weight is made again
+        doubled = small(x)
+        assert not torch.allclose(doubled, gathered)
+        torch.testing.assert_close(doubled, run_chain(x, small.blocks, small.input_index), rtol=0, atol=1e-5)
+    small._widened = None
+    torch.testing.assert_close(small(x), doubled, rtol=0, atol=1e-5)  # autograd on: the gather, no widening
+    assert small._widened is None
+    write_exports(small, ["sparse"], tmp_path, x, small(x).detach(), choose_repeats=1)
+    sparse = load_export(tmp_path, "sparse")
+    assert sparse.widened_first is not None or sparse.layers[0].csr is not None  # CSR execution keeps the gather
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), small(x), rtol=0, atol=1e-4)
+
+
 def test_pooling_with_autograd_on_keeps_torchs_gradient() -> None:
     net = build_model(build_spec("lenet5", (1, 28, 28), 10, width=0.25)).eval()
     x = torch.zeros(2, 1, 28, 28, requires_grad=True)  # all-zero images: every pooling window is a tie
