@@ -130,13 +130,14 @@ def test_the_csr_kernels_compute_the_same_function(tmp_path: Path, monkeypatch: 
                                                          ("vgg-like", (3, 32, 32), 1)])
 def test_inference_runs_the_linear_tail_on_transposed_activations(
         arch: str, shape: tuple[int, int, int], column_blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from varstudent.nn.architectures import Block
+    from varstudent.nn import architectures
 
     net = build_model(build_spec(arch, shape, 10, width=0.25))
     x = torch.rand(32, *shape)
     calls = []
-    original = Block.forward_columns
-    monkeypatch.setattr(Block, "forward_columns", lambda self, h: calls.append(h.shape) or original(self, h))
+    original = architectures.affine_columns  # what Block.forward_columns and an MLP's ColumnPlan both call
+    monkeypatch.setattr(architectures, "affine_columns",
+                        lambda w, b, h, relu: calls.append(h.shape) or original(w, b, h, relu))
     with torch.no_grad():
         net.train()  # training keeps the (B, features) layout, batch norm needs it
         rows = net(x)
@@ -151,39 +152,53 @@ def test_inference_runs_the_linear_tail_on_transposed_activations(
         torch.testing.assert_close(columns, rows, rtol=0, atol=1e-5)
 
 
-def test_a_pruned_mlp_runs_its_first_layer_widened_where_that_beats_the_gather(tmp_path: Path) -> None:
+def test_a_pruned_mlp_runs_as_a_column_plan_with_its_first_layer_widened(tmp_path: Path) -> None:
     from varstudent.nn.architectures import run_chain, widened_first_weight
 
-    weight, index = torch.randn(4, 6), torch.tensor([0, 2, 3, 5, 7, 8])
-    wide = widened_first_weight(weight, index, 9)  # 4 x 3 zero columns <= 75 x 6 kept: widened
-    assert wide.shape == (4, 9) and torch.equal(wide[:, index], weight) and not wide[:, [1, 4, 6]].any()
-    assert widened_first_weight(torch.randn(100, 10), torch.arange(10), 784) is None  # 100 x 774 > 75 x 10
+    weight, index = torch.randn(4, 6), torch.tensor([2, 4, 5, 7, 9, 10])  # of 12 inputs
+    span, wide = widened_first_weight(weight, index)  # inputs 2..10, 4 x 3 zero columns <= 75 x 6 kept
+    assert span == slice(2, 11) and wide.shape == (4, 9)
+    assert torch.equal(wide[:, index - 2], weight) and not wide[:, [1, 4, 6]].any()
+    assert widened_first_weight(torch.randn(100, 10), torch.arange(10) * 80) is None  # 100 x 711 > 75 x 10
+    assert widened_first_weight(torch.randn(5, 0), torch.arange(0)) is None  # every input dropped
 
     net = build_model(build_spec("mlp-40-20", (1, 8, 8), 10, variational=True))
     randomly_sparse(net, 0.5)
     first = variational_layers(net)[0]
     keep = torch.rand(first.weight.shape) < 0.5
-    keep[:, :20] = False  # 20 of the 64 inputs dropped
+    keep[:, :20] = False  # 20 of the 64 inputs dropped: the first 16, and 4 more inside the span
+    keep[:, 16:20] = keep[:, 20:24] = True
+    keep[:, [30, 40, 50, 60]] = False
     set_keep(first, keep)
     small = compact(net).eval()
-    assert small.input_index.numel() == 44
+    assert small.input_index.tolist() == [i for i in range(16, 64) if i not in (30, 40, 50, 60)]
     x = torch.rand(32, 1, 8, 8)
+
+    def through_the_modules() -> torch.Tensor:  # run_chain: Block by Block, gathering the kept inputs
+        return run_chain(x, small.blocks, small.input_index)
+
     with torch.no_grad():
-        gathered = run_chain(x, small.blocks, small.input_index)  # the gather path
+        gathered = through_the_modules()
         torch.testing.assert_close(small(x), gathered, rtol=0, atol=1e-5)
-        assert small._widened[1].shape == (small.blocks[0].op.out_features, 64)
-        small.blocks[0].op.weight.mul_(2.0)  # an in-place change: the widened weight is made again
+        plan = small._plan[1]
+        assert plan.inputs == slice(16, 64)  # the span of kept inputs, as a view: no gather
+        assert plan.layers[0][0].shape == (small.blocks[0].op.out_features, 48)
+        assert small._column_plan() is plan  # reused while nothing changed
+        small.blocks[0].op.weight.mul_(2.0)  # changed in place: a new plan
         doubled = small(x)
-        assert not torch.allclose(doubled, gathered)
-        torch.testing.assert_close(doubled, run_chain(x, small.blocks, small.input_index), rtol=0, atol=1e-5)
-    small._widened = None
-    torch.testing.assert_close(small(x), doubled, rtol=0, atol=1e-5)  # autograd on: the gather, no widening
-    assert small._widened is None
-    write_exports(small, ["sparse"], tmp_path, x, small(x).detach(), choose_repeats=1)
+        assert small._plan[1] is not plan and not torch.allclose(doubled, gathered)
+        torch.testing.assert_close(doubled, through_the_modules(), rtol=0, atol=1e-5)
+        small.blocks[1].op.bias = torch.nn.Parameter(small.blocks[1].op.bias + 1.0)  # replaced: a new plan
+        torch.testing.assert_close(small(x), through_the_modules(), rtol=0, atol=1e-5)
+    plan = small._plan[1]
+    with_autograd = small(x)  # autograd on: through the modules, so gradients reach the parameters
+    assert with_autograd.requires_grad and small._plan[1] is plan
+    write_exports(small, ["sparse"], tmp_path, x, with_autograd.detach(), choose_repeats=1)
     sparse = load_export(tmp_path, "sparse")
-    assert sparse.widened_first is not None or sparse.layers[0].csr is not None  # CSR execution keeps the gather
+    assert sparse.plan is not None
+    assert isinstance(sparse.plan.inputs, slice) or sparse.layers[0].csr is not None  # CSR keeps the gather
     with torch.no_grad():
-        torch.testing.assert_close(sparse(x), small(x), rtol=0, atol=1e-4)
+        torch.testing.assert_close(sparse(x), with_autograd.detach(), rtol=0, atol=1e-4)
 
 
 def test_pooling_with_autograd_on_keeps_torchs_gradient() -> None:

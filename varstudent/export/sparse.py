@@ -47,7 +47,7 @@ from varstudent.errors import ArtifactError
 from varstudent.export import quantized
 from varstudent.export.folded import export_spec, folded_layers
 from varstudent.export.streams import pack_bytes, unpack_bytes
-from varstudent.nn.architectures import Net, affine_columns, relu_pool, run_chain, widened_first_weight
+from varstudent.nn.architectures import ColumnPlan, Net, affine_columns, relu_pool, run_chain
 
 NAME = "sparse"
 FILLER_STRIDE = 256  # the largest column advance one uint8 gap encodes
@@ -171,12 +171,9 @@ class SparseLayer(nn.Module):
     def columns_ready(self) -> bool:
         return self.kind == "linear"
 
-    def forward_columns(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """(in, B) -> (out, B): CSR or dense W (out, in) @ h, the form both kernels were timed in; `weight`
-        replaces the layer's own (the widened first layer)."""
-        if weight is None:
-            weight = self.csr if self.csr is not None else self.weight
-        return affine_columns(weight, self.bias, h, self.relu)
+    def forward_columns(self, h: torch.Tensor) -> torch.Tensor:
+        """(in, B) -> (out, B): CSR or dense W (out, in) @ h, the form both kernels were timed in."""
+        return affine_columns(self.csr if self.csr is not None else self.weight, self.bias, h, self.relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":  # run_chain calls forward_columns itself; this is for a layer used alone
@@ -196,13 +193,13 @@ class SparseNet(nn.Module):
     def __init__(self, spec: dict[str, Any], layers: list[SparseLayer], input_index: torch.Tensor | None) -> None:
         super().__init__()
         self.spec, self.layers, self.input_index = spec, nn.ModuleList(layers), input_index
-        first = layers[0]
-        self.widened_first = None  # a dense first layer of an all-linear chain skips the gather where faster
-        if input_index is not None and first.weight is not None and all(lay.columns_ready() for lay in layers):
-            self.widened_first = widened_first_weight(first.weight, input_index, int(np.prod(spec["input_shape"])))
+        self.plan = None  # an MLP runs as a ColumnPlan of its (fixed) layers
+        if all(lay.columns_ready() for lay in layers):
+            self.plan = ColumnPlan.of([(lay.csr if lay.csr is not None else lay.weight, lay.bias, lay.relu)
+                                       for lay in layers], input_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_chain(x, self.layers, self.input_index, self.widened_first)
+        return self.plan.run(x) if self.plan is not None else run_chain(x, self.layers, self.input_index)
 
     def weight_stats(self) -> tuple[int, int]:
         stats = [layer.weight_stats() for layer in self.layers]

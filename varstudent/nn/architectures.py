@@ -105,10 +105,9 @@ class Block(nn.Module):
         """Whether forward_columns computes this block: a plain linear layer outside training."""
         return self.kind == "linear" and type(self.op) is nn.Linear and self.bn is None and not self.training
 
-    def forward_columns(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """(in, B) -> (out, B): the same affine map + ReLU as forward, on the transposed activations; `weight`
-        replaces the layer's own (the widened first layer, see widened_first_weight)."""
-        return affine_columns(self.op.weight if weight is None else weight, self.op.bias, h, self.relu)
+    def forward_columns(self, h: torch.Tensor) -> torch.Tensor:
+        """(in, B) -> (out, B): the same affine map + ReLU as forward, on the transposed activations."""
+        return affine_columns(self.op.weight, self.op.bias, h, self.relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.op(x)
@@ -124,21 +123,25 @@ def affine_columns(weight: torch.Tensor, bias: torch.Tensor, h: torch.Tensor, re
     return torch.relu_(h) if relu else h  # h is addmm's fresh output
 
 
-# the first layer of a pruned MLP: gathering its kept inputs against running it on all inputs with zero columns
-# for the dropped ones. At batch 256 on 2 threads the two cost the same where out * dropped ~= 75 * kept (out 48
-# to 200, kept 300 to 600 of 784: 0.66x to 1.47x); the default MNIST student (96 units, 507 of 784 kept) is at 52
+# the first layer of a pruned MLP: gathering its kept inputs (a copy) against running it on the span of inputs
+# from the first kept one to the last (a view of the input), with zero columns for the dropped ones in between.
+# At batch 256 on 2 threads the two cost the same where out * (zero columns) ~= 75 * kept (out 48 to 200, kept
+# 300 to 600 of 784: 0.66x to 1.47x); the default MNIST student (96 units, 507 kept in a span of 682) is at 33
 WIDEN_RATIO = 75
 
 
-def widened_first_weight(weight: torch.Tensor, input_index: torch.Tensor, n_inputs: int) -> torch.Tensor | None:
-    """The (out, n_inputs) weight with a zero column per dropped input, where that is the faster way to run the
-    first layer than gathering the kept inputs (WIDEN_RATIO); None where the gather is."""
+def widened_first_weight(weight: torch.Tensor, input_index: torch.Tensor) -> tuple[slice, torch.Tensor] | None:
+    """(the span of inputs, the (out, span) weight with a zero column per dropped input in it), where that is
+    the faster way to run the first layer than gathering the kept inputs (WIDEN_RATIO); None where the gather is."""
     out, kept = weight.shape
-    if out * (n_inputs - kept) > WIDEN_RATIO * kept:
+    if kept == 0:
         return None
-    wide = weight.new_zeros(out, n_inputs)
-    wide[:, input_index] = weight
-    return wide
+    start, stop = int(input_index.min()), int(input_index.max()) + 1
+    if out * (stop - start - kept) > WIDEN_RATIO * kept:
+        return None
+    wide = weight.new_zeros(out, stop - start)
+    wide[:, input_index - start] = weight
+    return slice(start, stop), wide
 
 
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
@@ -173,35 +176,69 @@ class Net(nn.Module):
         index = spec.get("input_index")
         self.register_buffer("input_index", torch.tensor(index, dtype=torch.long) if index is not None
                              else None)
-        # a plain linear chain (no variational layer, no batch norm) may run its first layer widened: the first
-        # op is kept in a tuple so that it is not registered twice, `_widened` = (what it was made from, weight)
-        self._widenable = index is not None and not spec["variational"] \
+        # a plain linear chain (an MLP without variational layers or batch norm) runs inference from a cached
+        # ColumnPlan: (what it was made from, the plan)
+        self._plain_linear = not spec["variational"] \
             and all(lay["kind"] == "linear" and not lay["bn"] for lay in spec["layers"])
-        self._first_op = (self.blocks[0].op,)
-        self._widened: tuple[tuple, torch.Tensor | None] | None = None
+        self._plan: tuple[list, ColumnPlan] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) -> logits (B, classes)
-        return run_chain(x, self.blocks, self.input_index, self._widened_first())
+        if self._plain_linear and not self.training and not torch.is_grad_enabled():
+            return self._column_plan().run(x)
+        return run_chain(x, self.blocks, self.input_index)
 
-    def _widened_first(self) -> torch.Tensor | None:
-        """The first layer widened to every input (widened_first_weight), in inference of a pruned MLP whose
-        layers all run on transposed activations; remade whenever the weight or the input index changes."""
-        if not self._widenable or self.training or torch.is_grad_enabled() or self.input_index is None:
-            return None
-        weight, index = self._first_op[0].weight, self.input_index
-        # a new weight (moved, reloaded, replaced) has a new address; an in-place change bumps _version
-        made_from = (weight.data_ptr(), weight._version, index.data_ptr(), index._version)
-        if self._widened is None or self._widened[0] != made_from:
-            n_inputs = int(torch.tensor(self.spec["input_shape"]).prod())
-            self._widened = (made_from, widened_first_weight(weight.detach(), self.input_index, n_inputs))
-        return self._widened[1]
+    def _column_plan(self) -> ColumnPlan:
+        """The plan of this MLP's current weights; made again when any parameter or the input index is
+        replaced, moved (a new address) or changed in place (a new _version)."""
+        if self._plan is not None and all(owner.get(key) is t and (t is None or (t.data_ptr(), t._version) == seen)
+                                          for owner, key, t, seen in self._plan[0]):
+            return self._plan[1]
+        sources = [(block.op._parameters, name) for block in self.blocks for name in ("weight", "bias")]
+        sources.append((self._buffers, "input_index"))
+        made_from = [(owner, key, owner.get(key), None if owner.get(key) is None
+                      else (owner[key].data_ptr(), owner[key]._version)) for owner, key in sources]
+        layers = [(block.op.weight.detach(), block.op.bias.detach(), block.relu) for block in self.blocks]
+        self._plan = (made_from, ColumnPlan.of(layers, self.input_index))
+        return self._plan[1]
 
 
-def run_chain(x: torch.Tensor, blocks, input_index: torch.Tensor | None,
-              widened_first: torch.Tensor | None = None) -> torch.Tensor:
+class ColumnPlan:
+    """Inference of a plain linear chain as a list of (weight, bias, relu) on transposed activations, with no
+    module in between: on the default compact MNIST student the modules' own calls took ~37 of 76 us at batch 1
+    (run_chain through Block.forward_columns), which the plan does not spend.
+
+    The first layer of a pruned MLP either gathers its kept inputs (`inputs` an index) or, where faster
+    (widened_first_weight), runs on the span of inputs that holds them (`inputs` a slice: a view, no copy)."""
+
+    def __init__(self, inputs: torch.Tensor | slice | None,
+                 layers: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
+        self.inputs, self.layers = inputs, layers
+
+    @classmethod
+    def of(cls, layers: list[tuple[torch.Tensor, torch.Tensor, bool]], index: torch.Tensor | None) -> ColumnPlan:
+        first = layers[0][0]
+        if index is not None and first.layout == torch.strided:  # a CSR first layer keeps the gather
+            widened = widened_first_weight(first, index)
+            if widened is not None:
+                span, wide = widened
+                return cls(span, [(wide, *layers[0][1:]), *layers[1:]])
+        return cls(index, layers)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1)
+        if isinstance(self.inputs, slice):
+            h = h[:, self.inputs]
+        elif self.inputs is not None:
+            h = h.index_select(1, self.inputs)
+        h = h.t()
+        for weight, bias, relu in self.layers:
+            h = affine_columns(weight, bias, h, relu)
+        return h.t().contiguous()
+
+
+def run_chain(x: torch.Tensor, blocks, input_index: torch.Tensor | None) -> torch.Tensor:
     """Apply a chain of blocks (each with a `kind`), flattening before the first linear one; shared by Net
-    and the exports that rebuild the chain with other layer types. `widened_first` (only where every block is
-    `columns_ready`): the first layer's weight over all inputs, which then replaces the gather of the kept ones.
+    and the exports that rebuild the chain with other layer types.
 
     A linear tail whose blocks are all `columns_ready` (inference, plain weights) runs on the transposed
     activations, W (out, in) @ H (in, B): the same arithmetic, but the BLAS then splits the small compact
@@ -211,12 +248,6 @@ def run_chain(x: torch.Tensor, blocks, input_index: torch.Tensor | None,
     """
     if blocks[0].kind == "linear":
         x = x.flatten(1)  # (B, C*H*W)
-        if widened_first is not None:
-            first, *rest = blocks
-            h = first.forward_columns(x.t(), widened_first)
-            for block in rest:
-                h = block.forward_columns(h)
-            return h.t().contiguous()
         if input_index is not None:
             x = x.index_select(1, input_index)  # (B, kept inputs)
     chain = list(blocks)  # slicing an nn.ModuleList builds a new module: ~20 us a call
