@@ -201,6 +201,38 @@ def test_a_pruned_mlp_runs_as_a_column_plan_with_its_first_layer_widened(tmp_pat
         torch.testing.assert_close(sparse(x), with_autograd.detach(), rtol=0, atol=1e-4)
 
 
+def test_the_column_plan_follows_every_change_to_the_net() -> None:
+    from varstudent.nn.architectures import run_chain
+
+    small = compact(mlp_with_a_full_layer()).eval()
+    x = torch.rand(8, 1, 8, 8)
+
+    def check() -> None:  # the plan's answer against the modules' own
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), run_chain(x, small.blocks, small.input_index), rtol=0, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        small.blocks[0].op.weight.data.mul_(3.0)  # bypasses the version counter ...
+    small.eval()  # ... eval() starts over
+    check()
+    small.blocks[1].op = torch.nn.Linear(small.blocks[1].op.in_features, small.blocks[1].op.out_features)
+    check()  # a replaced op
+    small.blocks[0].relu = False
+    check()  # a changed activation
+    small.double()
+    x = x.double()
+    check()  # moved to float64: new tensors
+    seen = []
+    handle = small.blocks[2].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    check()
+    assert seen  # a hooked block runs as a module
+    handle.remove()
+    with torch.inference_mode():
+        fresh = compact(mlp_with_a_full_layer()).eval()  # inference tensors: no version counter
+        assert torch.equal(fresh(x.float()), fresh(x.float())) and fresh._plan is None
+
+
 def test_pooling_with_autograd_on_keeps_torchs_gradient() -> None:
     net = build_model(build_spec("lenet5", (1, 28, 28), 10, width=0.25)).eval()
     x = torch.zeros(2, 1, 28, 28, requires_grad=True)  # all-zero images: every pooling window is a tie
@@ -518,14 +550,19 @@ def test_predict_reads_images(exported: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("codes", [
-    [0, 1, -1, 2, -2, 3, 255, -256, 2**23 - 1, -(2**29)],  # every bit length up to 30, zeros (CSR fillers)
+    [s * 2**k for k in range(30) for s in (1, -1)] + [0, 3, 255, -256, 2**23 - 1],  # bit lengths 0 to 30
     list(range(-700, 700)),
     [],
 ])
-def test_quantized_codes_round_trip_through_categories_and_bits(codes) -> None:
-    codes = np.asarray(codes, dtype=np.int64)
+@pytest.mark.parametrize("chunk", [quantized.CHUNK, 7])  # one chunk, or codes decoded seven at a time
+def test_quantized_codes_round_trip_through_categories_and_bits(codes, chunk: int,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantized, "CHUNK", chunk)
+    codes = np.asarray(codes, dtype=np.int64)  # each exact in float32: a power of two or below 2^24
     categories, bits = quantized.pack_codes(codes)
-    assert np.array_equal(quantized.unpack_codes(categories, bits, codes.size, "v"), codes)
+    assert np.array_equal(quantized.unpack_quantized(categories, bits, codes.size, 0, "v"), codes.astype(np.float32))
+    assert np.array_equal(quantized.unpack_quantized(categories, bits, codes.size, -3, "v"),
+                          (codes / 8).astype(np.float32))
     # the plain bits are exactly those below each code's leading one
     assert bits.size == -(-sum(max(int(abs(c)).bit_length() - 1, 0) for c in codes) // 8)
 
@@ -535,11 +572,13 @@ def test_quantized_code_streams_that_disagree_are_clear_errors() -> None:
     categories, bits = quantized.pack_codes(codes)
     assert bits.size == 48  # 100 codes of bit length 0..6: 376 plain bits
     with pytest.raises(ArtifactError, match="v: the value bits hold 47 bytes, the categories imply 48"):
-        quantized.unpack_codes(categories, bits[:-1], codes.size, "v")
+        quantized.unpack_quantized(categories, bits[:-1], codes.size, 0, "v")
     with pytest.raises(ArtifactError, match="a category byte is not 2 \\* bit length"):
-        quantized.unpack_codes(pack_bytes(np.full(4, 1, np.uint8)), bits[:0], 4, "v")  # "-0"
+        quantized.unpack_quantized(pack_bytes(np.full(4, 1, np.uint8)), bits[:0], 4, 0, "v")  # "-0"
     with pytest.raises(ArtifactError, match="a category byte is not 2 \\* bit length"):
-        quantized.unpack_codes(pack_bytes(np.full(4, 62, np.uint8)), bits[:0], 4, "v")  # 31 bits
+        quantized.unpack_quantized(pack_bytes(np.full(4, 62, np.uint8)), bits[:0], 4, 0, "v")  # 31 bits
+    with pytest.raises(ArtifactError, match="v: step 2\\^125 makes a value overflow float32"):
+        quantized.unpack_quantized(categories, bits, codes.size, 125, "v")  # 49 x 2^125 > 3.4e38
     with pytest.raises(ValueError, match="a code needs 31 bits"):
         quantized.pack_codes(np.array([2**30]))
 
@@ -589,6 +628,22 @@ def test_quantized_sparse_values_keep_every_prediction_in_fewer_bytes(name: str,
     assert manifest["exports"]["sparse"]["bytes"] < sum(p.stat().st_size for p in (tmp_path / "f32").glob("sparse.*"))
 
 
+def test_quantized_steps_cover_biases_far_larger_than_the_weights(tmp_path: Path) -> None:
+    small = compact(mlp_with_a_dead_layer()).eval()  # every weight pruned: the biases alone decide the logits
+    with torch.no_grad():
+        for block in small.blocks:
+            block.op.bias.mul_(1000.0)  # ~hundreds: on a step set by the (zero) weights, codes past 30 bits
+    x = torch.rand(16, 1, 3, 3)
+    with torch.no_grad():
+        reference = small(x)
+    write_exports(small, ["sparse"], tmp_path, x, reference, "quantized", choose_repeats=1, select=[x])
+    with torch.no_grad():
+        logits = load_export(tmp_path, "sparse")(x)
+    assert torch.equal(logits.argmax(1), reference.argmax(1))
+    steps = [c["step_log2"] for c in json.loads((tmp_path / "sparse.json").read_text())["choices"]]
+    assert all(s > -quantized.FINEST for s in steps)  # each step follows its layer's biases
+
+
 @pytest.fixture
 def quantized_export(tmp_path: Path) -> Path:
     net = mlp_with_a_full_layer().eval()
@@ -608,7 +663,7 @@ def quantized_export(tmp_path: Path) -> Path:
         {"layers.0.value_bits": torch.cat([t["layers.0.value_bits"], torch.tensor([7], dtype=torch.uint8)])})),
      "the categories imply"),
     (lambda f: _rewrite_safetensors(f, "sparse", lambda t: t.update(
-        {"layers.2.weight": t["layers.2.weight"].float()})), "categories are float32"),
+        {"layers.2.weight": t["layers.2.weight"].float()})), "the code streams are float32 and uint8"),
     (lambda f: _edit_json(f, "sparse.json", lambda d: d["choices"][1].update(step_log2=1.5)),
      "step_log2 1.5 is not an integer"),
     (lambda f: _edit_json(f, "sparse.json", lambda d: d.update(streams="lzma2-raw gaps, lzma2-raw shuffled values")),

@@ -27,6 +27,7 @@ TINY = ["--set", "data.dataset=digits", "--set", "teacher.arch=mlp-300-300", "--
         "--set", "runtime.progress=false", "--set", "register.max_accuracy_drop=0.2",
         "--set", "register.min_compression=2"]
 STAGES = ("prepare", "teacher", "distill", "prune", "evaluate", "register")
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # the committed settings the runs below start from
 
 
 def _client(uri: str) -> Any:
@@ -44,14 +45,15 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     root = tmp_path_factory.mktemp("tracked")
     uri = f"sqlite:///{root}/mlruns.db"
-    app(["run", *TINY, "--set", f"tracking.uri={uri}", "--out", str(root / "artifacts")], standalone_mode=False)
+    app(["run", "--params", str(PARAMS), *TINY, "--set", f"tracking.uri={uri}", "--out", str(root / "artifacts")],
+        standalone_mode=False)
     return {"root": root, "uri": uri, "out": root / "artifacts"}
 
 
 def _params(uri: str, *overrides: str) -> Any:
     from varstudent.config import load_params
 
-    return load_params(None, [o for o in TINY[1::2]] + [f"tracking.uri={uri}", *overrides])
+    return load_params(PARAMS, [o for o in TINY[1::2]] + [f"tracking.uri={uri}", *overrides])
 
 
 def _dirs(out: Path) -> dict[str, Path]:

@@ -33,8 +33,9 @@ from varstudent.errors import ArtifactError
 from varstudent.export.streams import pack_bytes, unpack_bytes
 
 NAME = "quantized"
-FINEST = 22  # finest step searched: 2^-22 of the layer's largest weight, so every |code| < 2^24 (exact in float32)
+FINEST = 22  # finest step searched: 2^-22 of the layer's largest weight or bias: every |code| < 2^24, exact
 MAX_CODE_BITS = 30  # a category byte's largest bit length the loader accepts
+CHUNK = 1 << 16  # codes decoded at a time: a crafted stream of 2^28 codes needs no more than ~30 MB besides the output
 STEP_LOG2_RANGE = (-160, 130)  # float32 weights (largest 2^128, smallest subnormal 2^-149) need no step outside
 RULE = ("per layer (most nonzero weights first), the coarsest power-of-two step at which every prediction on the "
         "selection set equals the unquantized export's")
@@ -57,8 +58,11 @@ def dequantize(codes: np.ndarray, step_log2: int) -> np.ndarray:
 
 def choose_steps(matrices: list[np.ndarray], predicts: Callable[[list[int]], torch.Tensor],
                  reference: torch.Tensor) -> list[int]:
-    """The step exponent of each matrix: the largest at which predicts(steps) still equals `reference`, searched
-    layer by layer, most nonzero weights first (the largest layer gets the coarsest step the others allow)."""
+    """The step exponent of each layer (`matrices`: its weights and biases): the largest at which
+    predicts(steps) still equals `reference`, searched layer by layer, most nonzero values first (the largest
+    layer gets the coarsest step the others allow). The finest step, 2^-FINEST of a layer's largest value, is
+    taken to pass without a check: it moves a value by less than float32 arithmetic does across kernels; the
+    export's parity check catches it if not."""
     tops = [top_exponent(m) for m in matrices]
     steps = [top - FINEST for top in tops]
     for i in sorted(range(len(matrices)), key=lambda j: -int(np.count_nonzero(matrices[j]))):
@@ -75,6 +79,14 @@ def choose_steps(matrices: list[np.ndarray], predicts: Callable[[list[int]], tor
     return steps
 
 
+def _bit_layout(extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For codes carrying `extra` plain bits each: the code each bit belongs to, and the bit's shift (the most
+    significant bit first)."""
+    owner = np.repeat(np.arange(extra.size), extra)
+    first_bit = np.cumsum(extra) - extra
+    return owner, extra[owner] - 1 - (np.arange(owner.size) - first_bit[owner])
+
+
 def pack_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes -> (LZMA2-coded category bytes, the packed bits below each code's leading one)."""
     codes = codes.astype(np.int64).ravel()
@@ -84,30 +96,42 @@ def pack_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"a code needs {int(length.max())} bits, more than {MAX_CODE_BITS}")
     categories = (2 * length + (codes < 0)).astype(np.uint8)
     extra = np.maximum(length - 1, 0)
-    owner = np.repeat(np.arange(codes.size), extra)
-    position = np.arange(owner.size) - np.repeat(np.cumsum(extra) - extra, extra)  # 0 = most significant
-    rest = magnitude - np.left_shift(1, extra) * (length > 0)  # |q| without its leading one
-    bits = (rest[owner] >> (extra[owner] - 1 - position)) & 1
+    owner, shift = _bit_layout(extra)
+    bits = (magnitude[owner] >> shift) & 1  # the leading one sits at shift `extra`: never among these
     return pack_bytes(categories), np.packbits(bits.astype(np.uint8))
 
 
-def unpack_codes(categories_packed: np.ndarray, bits_packed: np.ndarray, count: int, where: str) -> np.ndarray:
-    """The `count` int64 codes pack_codes stored; a clear error where the two streams do not agree."""
-    if categories_packed.dtype != np.uint8:
-        raise ArtifactError(f"{where}: categories are {categories_packed.dtype}, the spec says a packed byte stream")
-    categories = unpack_bytes(categories_packed, count, f"{where} categories").astype(np.int64)
-    length, negative = categories >> 1, (categories & 1).astype(bool)
-    if (length > MAX_CODE_BITS).any() or (negative & (length == 0)).any():
+def unpack_quantized(categories_packed: np.ndarray, bits_packed: np.ndarray, count: int, step_log2: int,
+                  where: str) -> np.ndarray:
+    """The `count` float32 values (codes x 2^step_log2) that pack_codes stored; a clear error where the two
+    streams do not agree or a value is not finite. Decoded CHUNK codes at a time."""
+    if categories_packed.dtype != np.uint8 or bits_packed.dtype != np.uint8:
+        raise ArtifactError(f"{where}: the code streams are {categories_packed.dtype} and {bits_packed.dtype}, "
+                            f"the spec says packed byte streams")
+    categories = unpack_bytes(categories_packed, count, f"{where} categories")
+    length = categories >> 1
+    if (length > MAX_CODE_BITS).any() or (categories == 1).any():  # 1 would be "-0"
         raise ArtifactError(f"{where}: a category byte is not 2 * bit length (at most {MAX_CODE_BITS}) + sign")
-    extra = np.maximum(length - 1, 0)
-    total = int(extra.sum())
-    if bits_packed.dtype != np.uint8 or bits_packed.shape != (-(-total // 8),):
+    extra = np.where(length > 0, length - 1, 0)
+    total = int(extra.sum(dtype=np.int64))
+    if bits_packed.shape != (-(-total // 8),):
         raise ArtifactError(f"{where}: the value bits hold {bits_packed.size} bytes, the categories imply "
                             f"{-(-total // 8)}")
-    bits = np.unpackbits(bits_packed)[:total].astype(np.int64)
-    owner = np.repeat(np.arange(count), extra)
-    position = np.arange(total) - np.repeat(np.cumsum(extra) - extra, extra)
-    rest = np.zeros(count, dtype=np.int64)
-    np.add.at(rest, owner, bits << (extra[owner] - 1 - position))
-    magnitude = np.where(length > 0, np.left_shift(1, extra) + rest, 0)
-    return np.where(negative, -magnitude, magnitude)
+    values = np.empty(count, dtype=np.float32)
+    bit = 0  # where the chunk's plain bits start in the stream
+    for start in range(0, count, CHUNK):
+        chunk_length = length[start:start + CHUNK].astype(np.int64)
+        chunk_extra = extra[start:start + CHUNK].astype(np.int64)
+        n_bits = int(chunk_extra.sum())
+        first, last = bit // 8, -(-(bit + n_bits) // 8)
+        bits = np.unpackbits(bits_packed[first:last])[bit - 8 * first:bit - 8 * first + n_bits].astype(np.int64)
+        owner, shift = _bit_layout(chunk_extra)
+        rest = np.bincount(owner, weights=bits << shift, minlength=chunk_extra.size)  # exact: < 2^53
+        magnitude = np.where(chunk_length > 0, np.left_shift(1, chunk_extra) + rest.astype(np.int64), 0)
+        signed = np.where(categories[start:start + CHUNK] & 1, -magnitude, magnitude)
+        with np.errstate(over="ignore"):  # an overflow is the clear error below
+            values[start:start + CHUNK] = np.ldexp(signed.astype(np.float64), step_log2)
+        bit += n_bits
+    if not np.isfinite(values).all():
+        raise ArtifactError(f"{where}: step 2^{step_log2} makes a value overflow float32")
+    return values

@@ -35,6 +35,11 @@ def _apply(kind: str, x: torch.Tensor, weight: torch.Tensor, padding: int) -> to
     return F.linear(x, weight) if kind == "linear" else F.conv2d(x, weight, padding=padding)
 
 
+def _half_step(v: torch.Tensor, step: float) -> torch.Tensor:
+    """How far rounding to multiples of `step` moves each value: half a step, a zero not at all."""
+    return (step / 2) * (v != 0).float()
+
+
 def _per_unit(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-output-unit vector shaped to broadcast over (B, units) or (B, channels, H, W)."""
     return v.reshape(1, -1, *([1] * (like.dim() - 2)))
@@ -79,13 +84,13 @@ def rounding_bound_batch(net: Net, x: torch.Tensor, precision: str, folded: bool
     for i, (kind, weight, bias, bn, relu, pool, padding) in enumerate(layers):
         if h.dim() == 4 and kind == "linear":
             h, error = h.flatten(1), error.flatten(1)
-        moved = r(weight) if steps is None else (steps[i] / 2) * (weight != 0).float()
+        moved = r(weight) if steps is None else _half_step(weight, steps[i])
         z = _apply(kind, h, weight, padding) + _per_unit(bias, h)
         error = _apply(kind, error, weight.abs() + moved, padding) + _apply(kind, h.abs(), moved, padding)
         if not folded:
             error = error + _per_unit(r(bias), z)
         elif steps is not None:  # quantized biases move by half their layer's step
-            error = error + _per_unit((steps[i] / 2) * (bias != 0).float(), z)
+            error = error + _per_unit(_half_step(bias, steps[i]), z)
         if bn is not None:
             scale = bn["weight"] / torch.sqrt(bn["running_var"] + bn["eps"])
             centred = z - _per_unit(bn["running_mean"], z)

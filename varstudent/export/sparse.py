@@ -285,8 +285,9 @@ def _quantized_steps(layers: list, spec: dict[str, Any], input_index: torch.Tens
         return [quantized.dequantize(quantized.quantize(a, e), e) for a, e in zip(arrays, steps)]
 
     reference = predicts([m.astype(np.float32) for m in matrices], biases)
+    values = [np.r_[m.ravel(), b] for m, b in zip(matrices, biases)]  # a layer's step covers both
     return quantized.choose_steps(
-        matrices, lambda steps: predicts(rounded(matrices, steps), rounded(biases, steps)), reference)
+        values, lambda steps: predicts(rounded(matrices, steps), rounded(biases, steps)), reference)
 
 
 def _tensor(tensors: dict[str, torch.Tensor], key: str, where: str) -> np.ndarray:
@@ -414,13 +415,13 @@ def _decode_quantized(tensors: dict[str, torch.Tensor], i: int, choice: dict[str
     if choice["storage"] == "csr":
         row_entries, entries = _row_entries(tensors, i, shape, where)
         gaps = unpack_bytes(_tensor(tensors, f"layers.{i}.gaps", where), entries, f"{where}: gaps")
-        codes = quantized.unpack_codes(_tensor(tensors, f"layers.{i}.values", where),
-                                       _tensor(tensors, f"layers.{i}.value_bits", where), entries + out,
-                                       f"{where}: values")
-        matrix = decode_csr(row_entries, gaps, quantized.dequantize(codes[:entries], step), shape, where)
+        values = quantized.unpack_quantized(_tensor(tensors, f"layers.{i}.values", where),
+                                            _tensor(tensors, f"layers.{i}.value_bits", where), entries + out, step,
+                                            f"{where}: values")
+        matrix = decode_csr(row_entries, gaps, values[:entries], shape, where)
     else:
-        codes = quantized.unpack_codes(_tensor(tensors, f"layers.{i}.weight", where),
-                                       _tensor(tensors, f"layers.{i}.weight_bits", where), shape[0] * shape[1] + out,
-                                       f"{where}: weight")
-        matrix = quantized.dequantize(codes[:-out], step).reshape(shape)
-    return matrix, quantized.dequantize(codes[-out:], step)
+        values = quantized.unpack_quantized(_tensor(tensors, f"layers.{i}.weight", where),
+                                            _tensor(tensors, f"layers.{i}.weight_bits", where),
+                                            shape[0] * shape[1] + out, step, f"{where}: weight")
+        matrix = values[:-out].reshape(shape)
+    return matrix, values[-out:]

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from varstudent.errors import ConfigError
 from varstudent.nn.variational import Conv2dSVD, LinearSVD
@@ -102,8 +103,11 @@ class Block(nn.Module):
         self.pool = bool(layer.get("pool"))
 
     def columns_ready(self) -> bool:
-        """Whether forward_columns computes this block: a plain linear layer outside training."""
-        return self.kind == "linear" and type(self.op) is nn.Linear and self.bn is None and not self.training
+        """Whether forward_columns computes this block: a plain linear layer outside training, with no forward
+        hook on it or its op (forward_columns bypasses the module calls that run them)."""
+        return self.kind == "linear" and type(self.op) is nn.Linear and self.bn is None and not self.training \
+            and not (self._forward_hooks or self._forward_pre_hooks or self.op._forward_hooks
+                     or self.op._forward_pre_hooks)
 
     def forward_columns(self, h: torch.Tensor) -> torch.Tensor:
         """(in, B) -> (out, B): the same affine map + ReLU as forward, on the transposed activations."""
@@ -184,22 +188,57 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) -> logits (B, classes)
         if self._plain_linear and not self.training and not torch.is_grad_enabled():
-            return self._column_plan().run(x)
+            plan = self._column_plan()
+            if plan is not None:
+                return plan.run(x)
         return run_chain(x, self.blocks, self.input_index)
 
-    def _column_plan(self) -> ColumnPlan:
-        """The plan of this MLP's current weights; made again when any parameter or the input index is
-        replaced, moved (a new address) or changed in place (a new _version)."""
-        if self._plan is not None and all(owner.get(key) is t and (t is None or (t.data_ptr(), t._version) == seen)
-                                          for owner, key, t, seen in self._plan[0]):
-            return self._plan[1]
-        sources = [(block.op._parameters, name) for block in self.blocks for name in ("weight", "bias")]
-        sources.append((self._buffers, "input_index"))
-        made_from = [(owner, key, owner.get(key), None if owner.get(key) is None
-                      else (owner[key].data_ptr(), owner[key]._version)) for owner, key in sources]
-        layers = [(block.op.weight.detach(), block.op.bias.detach(), block.relu) for block in self.blocks]
-        self._plan = (made_from, ColumnPlan.of(layers, self.input_index))
-        return self._plan[1]
+    def train(self, mode: bool = True) -> Net:
+        self._plan = None  # eval() starts from the weights as they are, even after writes through .data
+        return super().train(mode)
+
+    def _column_plan(self) -> ColumnPlan | None:
+        """The plan of this MLP's current layers, made again when a block, op, parameter or the input index is
+        replaced, moved (a new address) or changed in place (a new _version; writes through `.data` bump none:
+        call eval() after them). None, so that the modules run, where a forward hook is registered or an op is
+        no plain nn.Linear with weight and bias (e.g. parametrized)."""
+        if _global_forward_hooks or _global_forward_pre_hooks:
+            return None
+        if self._plan is not None:
+            (n_blocks, hooks, watched), plan = self._plan
+            if len(self._modules["blocks"]) == n_blocks and not any(hooks) and all(
+                    owner.get(key) is held and (stamp is None or (held.data_ptr(), held._version) == stamp)
+                    for owner, key, held, stamp in watched):
+                return plan
+        blocks = self._modules["blocks"]
+        watched: list = []
+        hooks = []
+        layers = []
+        for key, block in blocks._modules.items():
+            op = block._modules.get("op")
+            weight, bias = (op._parameters.get("weight"), op._parameters.get("bias")) if op is not None else (None,) * 2
+            if type(op) is not nn.Linear or weight is None or bias is None or block._forward_hooks \
+                    or block._forward_pre_hooks or op._forward_hooks or op._forward_pre_hooks:
+                return None
+            hooks += [block._forward_hooks, block._forward_pre_hooks, op._forward_hooks, op._forward_pre_hooks]
+            watched += [(blocks._modules, key, block, None), (block._modules, "op", op, None),
+                        (block.__dict__, "relu", block.relu, None), (op._parameters, "weight", weight, _stamp(weight)),
+                        (op._parameters, "bias", bias, _stamp(bias))]
+            layers.append((weight.detach(), bias.detach(), block.relu))
+        index = self._buffers.get("input_index")
+        watched.append((self._buffers, "input_index", index, None if index is None else _stamp(index)))
+        plan = ColumnPlan.of(layers, index)
+        # an inference tensor keeps no version counter: its plan is made for this call only
+        self._plan = None if any(stamp == _NO_VERSION for *_, stamp in watched) \
+            else ((len(blocks), hooks, watched), plan)
+        return plan
+
+
+_NO_VERSION = (-1, -1)
+
+
+def _stamp(t: torch.Tensor) -> tuple[int, int]:
+    return _NO_VERSION if torch.is_inference(t) else (t.data_ptr(), t._version)
 
 
 class ColumnPlan:
