@@ -352,30 +352,33 @@ def load_sparse(directory: Path) -> SparseNet:
         if is_quantized:
             matrix, bias_values = _decode_quantized(tensors, i, choice, matrix_shape, f"{where}: layer {i}")
             weight, bias = torch.from_numpy(matrix).reshape(shape), torch.from_numpy(bias_values)
-            layers.append(SparseLayer(layer, weight, bias, choice["execution"] if layer["kind"] == "linear"
-                                      else "dense"))
-            continue
-        bias = tensors[f"layers.{i}.bias"].float()
-        if tuple(bias.shape) != shape[:1]:  # checked before any stream of the layer is inflated
-            raise ArtifactError(f"{where}: tensor layers.{i}.bias has shape {tuple(bias.shape)}, the spec says "
-                                f"{shape[:1]}")
-        if choice["storage"] == "csr":
-            matrix = _decode_layer(tensors, i, matrix_shape, streams, values_dtype, f"{where}: layer {i}")
-            weight = torch.from_numpy(matrix).reshape(shape)
-        elif streams == STREAMS:
-            packed = _tensor(tensors, f"layers.{i}.weight", where)
-            if packed.dtype != np.uint8:
-                raise ArtifactError(f"{where}: layers.{i}.weight is {packed.dtype}, the spec says a packed byte stream")
-            count = layer["out"] * layer["in"] * k * k
-            weight = torch.from_numpy(unpack_values(packed, count, values_dtype, f"{where}: layers.{i}.weight")
-                                      .astype(np.float32).reshape(shape))
         else:
-            weight = tensors[f"layers.{i}.weight"].float()
+            weight, bias = _float_layer(tensors, i, choice, shape, streams, values_dtype, where)
         if tuple(weight.shape) != shape:
             raise ArtifactError(f"{where}: tensor layers.{i}.weight has shape {tuple(weight.shape)}, the spec says "
                                 f"{shape}")
         layers.append(SparseLayer(layer, weight, bias, choice["execution"] if layer["kind"] == "linear" else "dense"))
     return SparseNet(spec, layers, input_index).eval()
+
+
+def _float_layer(tensors: dict[str, torch.Tensor], i: int, choice: dict[str, Any], shape: tuple[int, ...],
+                 streams: str, values_dtype: np.dtype, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 / float16 layer's weight (in `shape`, or a clear error) and bias, as `streams` stored them."""
+    bias = tensors[f"layers.{i}.bias"].float()
+    if tuple(bias.shape) != shape[:1]:  # checked before any stream of the layer is inflated
+        raise ArtifactError(f"{where}: tensor layers.{i}.bias has shape {tuple(bias.shape)}, the spec says "
+                            f"{shape[:1]}")
+    if choice["storage"] == "csr":
+        matrix = _decode_layer(tensors, i, (shape[0], int(np.prod(shape[1:]))), streams, values_dtype,
+                               f"{where}: layer {i}")
+        return torch.from_numpy(matrix).reshape(shape), bias
+    if streams == STREAMS:
+        packed = _tensor(tensors, f"layers.{i}.weight", where)
+        if packed.dtype != np.uint8:
+            raise ArtifactError(f"{where}: layers.{i}.weight is {packed.dtype}, the spec says a packed byte stream")
+        values = unpack_values(packed, int(np.prod(shape)), values_dtype, f"{where}: layers.{i}.weight")
+        return torch.from_numpy(values.astype(np.float32).reshape(shape)), bias
+    return tensors[f"layers.{i}.weight"].float(), bias
 
 
 def _row_entries(tensors: dict[str, torch.Tensor], i: int, shape: tuple[int, int], where: str

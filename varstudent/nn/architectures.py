@@ -106,8 +106,11 @@ class Block(nn.Module):
         """Whether forward_columns computes this block: a plain linear layer outside training, with no forward
         hook on it or its op (forward_columns bypasses the module calls that run them)."""
         return self.kind == "linear" and type(self.op) is nn.Linear and self.bn is None and not self.training \
-            and not (self._forward_hooks or self._forward_pre_hooks or self.op._forward_hooks
-                     or self.op._forward_pre_hooks)
+            and not any(self.hook_dicts())
+
+    def hook_dicts(self) -> list[dict]:
+        """The forward (pre-)hook registries of this block and its op: a registered hook must run."""
+        return [self._forward_hooks, self._forward_pre_hooks, self.op._forward_hooks, self.op._forward_pre_hooks]
 
     def forward_columns(self, h: torch.Tensor) -> torch.Tensor:
         """(in, B) -> (out, B): the same affine map + ReLU as forward, on the transposed activations."""
@@ -217,10 +220,10 @@ class Net(nn.Module):
         for key, block in blocks._modules.items():
             op = block._modules.get("op")
             weight, bias = (op._parameters.get("weight"), op._parameters.get("bias")) if op is not None else (None,) * 2
-            if type(op) is not nn.Linear or weight is None or bias is None or block._forward_hooks \
-                    or block._forward_pre_hooks or op._forward_hooks or op._forward_pre_hooks:
+            block_hooks = block.hook_dicts() if op is not None else []
+            if type(op) is not nn.Linear or weight is None or bias is None or any(block_hooks):
                 return None
-            hooks += [block._forward_hooks, block._forward_pre_hooks, op._forward_hooks, op._forward_pre_hooks]
+            hooks += block_hooks
             watched += [(blocks._modules, key, block, None), (block._modules, "op", op, None),
                         (block.__dict__, "relu", block.relu, None), (op._parameters, "weight", weight, _stamp(weight)),
                         (op._parameters, "bias", bias, _stamp(bias))]
