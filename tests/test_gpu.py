@@ -32,3 +32,120 @@ def test_distill_stage_runs_on_cuda(tmp_path, digits_dir) -> None:
     stages.teacher(params, digits_dir, tmp_path / "teacher")
     metrics = stages.distill(params, digits_dir, tmp_path / "teacher", tmp_path / "distill")
     assert metrics["epochs_run"] == 3 and 0.0 <= metrics["student_accuracy"] <= 1.0
+
+
+def _data(n: int = 1050):  # 10 full batches of 100 and a ragged one of 50
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = (x.flatten(1)[:, :32].sum(1) > 0).long() + 2 * (x.flatten(1)[:, 32:].sum(1) > 0).long()
+    return x.cuda(), y.cuda()
+
+
+def _ce(model, logits, targets, index, epoch):
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    return loss, {"ce": loss}
+
+
+def _fit_dense(graphs: bool, epochs: int = 4):
+    from varstudent.nn.architectures import build_model, build_spec
+    from varstudent.train import FitSettings, fit
+
+    torch.manual_seed(0)
+    model = build_model(build_spec("mlp-64-32", (1, 8, 8), 4)).cuda()
+    x, y = _data()
+    settings = FitSettings(epochs=epochs, batch_size=100, lr=0.01, lr_decay_start=0.5, progress=False,
+                           cuda_graphs=graphs)
+    return model, fit(model, x, y, _ce, settings)
+
+
+def test_graphed_steps_train_as_the_eager_ones() -> None:
+    """No noise in a dense network: replaying the recorded step must give the eager run's losses."""
+    eager_model, eager = _fit_dense(False)
+    graph_model, graphed = _fit_dense(True)
+    assert eager.cuda_graphs == 0 and graphed.cuda_graphs == 4  # one recording per epoch (new lr each)
+    assert [r["lr"] for r in graphed.history] == [r["lr"] for r in eager.history]
+    for a, b in zip(eager.history, graphed.history):
+        assert a["ce"] == pytest.approx(b["ce"], rel=1e-4) and a["train_accuracy"] == b["train_accuracy"]
+    for p, q in zip(eager_model.parameters(), graph_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_block_max_abs_backward_on_cuda_matches_autograd() -> None:
+    from varstudent.losses import _BlockMaxAbs
+
+    flat = torch.randn(40, 30, device="cuda")
+    flat[3] = -flat[3].abs()  # a row whose largest |w| is negative
+    ours, reference = flat.clone().requires_grad_(), flat.clone().requires_grad_()
+    weight = torch.randn(40, device="cuda")
+    (_BlockMaxAbs.apply(ours) * weight).sum().backward()
+    (reference.abs().amax(1) * weight).sum().backward()
+    assert torch.equal(ours.grad, reference.grad)
+
+
+@pytest.fixture(params=[False, True], ids=["fast-kernels", "deterministic"])
+def deterministic(request):
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(request.param, warn_only=True)  # what runtime.deterministic sets
+    yield request.param
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_graphed_variational_student_with_every_loss_term(deterministic, caplog) -> None:
+    from varstudent.losses import BlockSparseRegularizer, LossWeights, kl_warmup, paired_weights, student_loss
+    from varstudent.nn.architectures import build_model, build_spec
+    from varstudent.train import FitSettings, fit
+
+    x, y = _data()
+    teacher, _ = _fit_dense(False, epochs=2)
+    with torch.no_grad():
+        hint = teacher.eval()(x)
+    weights = LossWeights(kd=0.5, temperature=4.0, kd_direction="teacher_student", vd=1.0, bsr=1e-3)
+    runs = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        student = build_model(build_spec("mlp-32-16", (1, 8, 8), 4, variational=True)).cuda()
+        bsr = BlockSparseRegularizer(*paired_weights(teacher, student))
+
+        def loss_fn(model, logits, targets, index, epoch, bsr=bsr):
+            return student_loss(model, logits, targets, hint[index], weights, kl_warmup(epoch, 2), len(y), bsr)
+
+        settings = FitSettings(epochs=4, batch_size=100, lr=0.01, progress=False, cuda_graphs=graphs)
+        runs.append(fit(student, x, y, loss_fn, settings))
+    eager, graphed = runs
+    assert graphed.cuda_graphs == 4, caplog.text  # recorded, not fallen back to eager steps
+    assert set(graphed.history[-1]) == set(eager.history[-1])  # ce, kd, kl, bsr, loss, ...
+    for a, b in zip(eager.history, graphed.history):  # sampled noise may differ: close, not equal
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
+    assert graphed.history[-1]["ce"] < graphed.history[0]["ce"]
+
+
+def test_a_diverging_graphed_run_stops_at_the_epoch_end() -> None:
+    from varstudent.errors import TrainingError
+    from varstudent.nn.architectures import build_model, build_spec
+    from varstudent.train import FitSettings, fit
+
+    x, y = _data()
+    model = build_model(build_spec("mlp-64-32", (1, 8, 8), 4)).cuda()
+
+    def exploding(model, logits, targets, index, epoch):
+        loss = torch.nn.functional.cross_entropy(logits, targets) * (float("inf") if epoch == 1 else 1.0)
+        return loss, {"ce": loss}
+
+    settings = FitSettings(epochs=3, batch_size=100, lr=0.01, progress=False, cuda_graphs=True)
+    with pytest.raises(TrainingError, match=r"at epoch 2 \("):
+        fit(model, x, y, exploding, settings)
+
+
+def test_a_step_that_cannot_be_recorded_trains_eagerly(monkeypatch, caplog) -> None:
+    from varstudent import train
+
+    def refuse(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(train._GraphedStep, "record", refuse)
+    with caplog.at_level("WARNING", logger="varstudent.train"):
+        _, result = _fit_dense(True, epochs=2)
+    assert result.cuda_graphs == 0 and result.epochs_run == 2
+    assert "could not be recorded as a CUDA graph" in caplog.text
+    _, eager = _fit_dense(False, epochs=2)
+    assert result.history[-1]["ce"] == pytest.approx(eager.history[-1]["ce"], rel=1e-4)

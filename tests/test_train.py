@@ -111,3 +111,16 @@ def test_variational_student_learns_and_sparsifies(digits_dir) -> None:
     assert accuracy(student, data.x_test, data.y_test) > 0.8
     rows = layer_table(student)
     assert sum(r["nonzero"] for r in rows) < 0.5 * sum(r["weights"] for r in rows)
+
+
+def test_cuda_graphs_setting_is_a_no_op_on_the_cpu() -> None:
+    x, y = _toy(230)  # a ragged last batch too
+    histories = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = build_model(build_spec("mlp-8", (1, 2, 2), 2))
+        settings = FitSettings(epochs=3, batch_size=50, lr=0.05, progress=False, cuda_graphs=graphs)
+        result = fit(model, x, y, _ce, settings)
+        assert result.cuda_graphs == 0
+        histories.append([{k: v for k, v in row.items() if k != "seconds"} for row in result.history])
+    assert histories[0] == histories[1]

@@ -143,6 +143,8 @@ class RuntimeConfig:
     progress: bool = _f(True, "show progress bars on a terminal")
     deterministic: bool = _f(True, "deterministic kernels (torch.use_deterministic_algorithms): identical reruns "
                              "and resumes on the CPU; on a GPU it costs speed")
+    cuda_graphs: bool = _f(True, "on CUDA (one process), replay each training step as one CUDA graph: the small "
+                           "networks' steps are bound by kernel launches there")
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,8 @@ def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path 
 
     settings = FitSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                            lr_decay_start=cfg.lr_decay_start, seed=params.seed,
-                           progress=params.runtime.progress, desc="teacher")
+                           progress=params.runtime.progress, desc="teacher",
+                           cuda_graphs=params.runtime.cuda_graphs)
     checkpoint = _checkpointer(params, "teacher", checkpoint_dir, ("teacher",),
                                data_sha256=data.manifest["sha256"])
     result = fit(model, x, y, ce, settings, checkpoint=checkpoint)
@@ -210,7 +211,8 @@ def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path,
     settings = FitSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                            lr_decay_start=cfg.lr_decay_start, converge_tol=cfg.converge_tol,
                            patience=cfg.patience, converge_after=cfg.kl_warmup_epochs, seed=params.seed,
-                           progress=params.runtime.progress, desc="distill")
+                           progress=params.runtime.progress, desc="distill",
+                           cuda_graphs=params.runtime.cuda_graphs)
     from varstudent.checkpoint import tensor_sha256
 
     teacher_sha256 = read_json(teacher_dir / "teacher.json", "teacher spec")["sha256"]
