@@ -4,7 +4,8 @@ Why: on a GPU the small networks' steps are bound by the host launching ~400 ker
 an H200 ran a VS + BSR MLP step in ~10 ms of which 0.68 ms computed. `fit` now records each epoch's step as a
 CUDA graph and replays it; this measures what that buys, through the library's own loop (not a copy of it),
 on random data of MNIST's shape, with the loss of each row as `stages.distill` builds it and deterministic
-kernels on (the default). The first epoch holds the warm-up and the recording; the second is timed.
+kernels on (the default). The first epoch holds the warm-up steps; the second is timed, and like every epoch it
+includes one recording of the graph (about one step's cost) and the epoch's single host sync.
 
     python benchmarks/gpu_graph_speed.py [--n 12000] [--out DIR]    # ~1 min on a GPU
 """

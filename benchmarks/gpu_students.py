@@ -3,9 +3,10 @@
 The full budget (200 epochs) of `reproduce.py mnist-mlp` is ~25 minutes per student on the 2-core CPU
 machine, two hours for the table. A lent GPU has 15 minutes, no network, and takes at most 64 MiB along, so
 only the distill stage travels: the data is prepared and the teacher trained here, packed into `.gpu/`, and
-each row's `stages.distill` runs as its own process on the GPU (the MLP's steps are launch-bound, so
-several processes share the card). Pruning, the exports and the CPU latencies are measured back here, by
-`reproduce.py --reuse-students`, so every number in the table comes from the same machine as the others.
+each row's `stages.distill` runs as its own process on the GPU (rows side by side share the card: two
+LeNet-5 rows ran at 1.4-1.7 s an epoch each, one alone at 0.75 s). Pruning, the exports and the CPU
+latencies are measured back here, by `reproduce.py --reuse-students`, so every number in the table comes from
+the same machine as the others.
 
     python benchmarks/reproduce.py mnist-mlp --full --out W --only             # here: data + teacher
     python benchmarks/gpu_students.py pack W --out .gpu                          # here: 15 MiB

@@ -119,21 +119,76 @@ def test_graphed_variational_student_with_every_loss_term(deterministic, caplog)
     assert graphed.history[-1]["ce"] < graphed.history[0]["ce"]
 
 
-def test_a_diverging_graphed_run_stops_at_the_epoch_end() -> None:
+@pytest.mark.parametrize("how", ["term", "weighted-sum"])
+def test_a_diverging_graphed_run_names_the_batch_and_the_cause(how, caplog) -> None:
     from varstudent.errors import TrainingError
     from varstudent.nn.architectures import build_model, build_spec
     from varstudent.train import FitSettings, fit
 
     x, y = _data()
     model = build_model(build_spec("mlp-64-32", (1, 8, 8), 4)).cuda()
+    counter = torch.zeros((), device="cuda")
 
-    def exploding(model, logits, targets, index, epoch):
-        loss = torch.nn.functional.cross_entropy(logits, targets) * (float("inf") if epoch == 1 else 1.0)
-        return loss, {"ce": loss}
+    def exploding(model, logits, targets, index, epoch):  # epoch 2's third batch is the first bad one
+        ce = torch.nn.functional.cross_entropy(logits, targets)
+        counter.add_(1)
+        bad = (counter == 14) if epoch == 1 else torch.zeros((), dtype=torch.bool, device="cuda")
+        if how == "term":
+            ce = torch.where(bad, torch.full_like(ce, float("inf")), ce)
+            return ce, {"ce": ce}
+        huge = torch.where(bad, torch.full_like(ce, 3e38), torch.zeros_like(ce))
+        return ce + 10 * huge, {"ce": ce, "bsr": huge}  # every term finite, the weighted sum is not
 
     settings = FitSettings(epochs=3, batch_size=100, lr=0.01, progress=False, cuda_graphs=True)
-    with pytest.raises(TrainingError, match=r"at epoch 2 \("):
+    cause = "non-finite term: CE" if how == "term" else "every term is finite but their weighted sum is not"
+    with caplog.at_level("WARNING", logger="varstudent.train"), \
+            pytest.raises(TrainingError, match=rf"at epoch 2, batch 3 \({cause}"):
         fit(model, x, y, exploding, settings)
+    assert "could not be recorded" not in caplog.text  # found by the replayed graph, not an eager step
+
+
+def test_a_checkpointed_eager_run_resumes_with_graphs(tmp_path) -> None:
+    from varstudent.checkpoint import Checkpointer
+    from varstudent.nn.architectures import build_model, build_spec
+    from varstudent.train import FitSettings, fit
+
+    x, y = _data()
+
+    def run(graphs: bool, epochs: int, checkpoint=None):
+        torch.manual_seed(0)
+        model = build_model(build_spec("mlp-64-32", (1, 8, 8), 4)).cuda()
+        settings = FitSettings(epochs=epochs, batch_size=100, lr=0.01, lr_decay_start=0.5, progress=False,
+                               cuda_graphs=graphs)
+        return fit(model, x, y, _ce, settings, checkpoint=checkpoint)
+
+    ckpt = Checkpointer(tmp_path, 1, {"params_digest": "a"}, "teacher")
+    run(False, 2, ckpt)  # saved with capturable=False
+    resumed = run(True, 4, ckpt)
+    reference = run(False, 4)
+    assert resumed.cuda_graphs == 2 and resumed.epochs_run == 4
+    for a, b in zip(reference.history, resumed.history):
+        assert a["ce"] == pytest.approx(b["ce"], rel=1e-4)
+
+
+def test_a_step_that_breaks_capture_falls_back_to_eager_steps(caplog) -> None:
+    from varstudent.nn.architectures import build_model, build_spec
+    from varstudent.train import FitSettings, fit
+
+    def syncing(model, logits, targets, index, epoch):
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        loss.item()  # a host sync: not allowed while a graph records
+        return loss, {"ce": loss}
+
+    x, y = _data()
+    torch.manual_seed(0)
+    model = build_model(build_spec("mlp-64-32", (1, 8, 8), 4)).cuda()
+    settings = FitSettings(epochs=2, batch_size=100, lr=0.01, lr_decay_start=0.5, progress=False, cuda_graphs=True)
+    with caplog.at_level("WARNING", logger="varstudent.train"):
+        result = fit(model, x, y, syncing, settings)
+    assert result.cuda_graphs == 0 and "could not be recorded as a CUDA graph" in caplog.text
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the capture stream was left
+    _, eager = _fit_dense(False, epochs=2)
+    assert result.history[-1]["ce"] == pytest.approx(eager.history[-1]["ce"], rel=1e-4)
 
 
 def test_a_step_that_cannot_be_recorded_trains_eagerly(monkeypatch, caplog) -> None:

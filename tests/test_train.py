@@ -124,3 +124,21 @@ def test_cuda_graphs_setting_is_a_no_op_on_the_cpu() -> None:
         assert result.cuda_graphs == 0
         histories.append([{k: v for k, v in row.items() if k != "seconds"} for row in result.history])
     assert histories[0] == histories[1]
+
+
+def test_graphed_step_notes_the_first_non_finite_batch_and_its_terms() -> None:
+    """The bookkeeping a CUDA graph does on the device, run here as plain tensor ops on the CPU."""
+    from varstudent.train import _GraphedStep
+
+    watch = _GraphedStep(None, None, batch_size=4, device=torch.device("cpu"))
+    watch.start(3)  # replays begin at batch 4 (0-based 3)
+    one = torch.tensor(1.0)
+    watch.watch(one, {"ce": one, "kl": one})
+    assert watch.first_divergence() is None
+    watch.watch(torch.tensor(float("inf")), {"ce": one, "kl": torch.tensor(float("inf"))})  # batch 5
+    watch.watch(torch.tensor(float("nan")), {"ce": torch.tensor(float("nan")), "kl": one})  # later: not kept
+    batch, loss, terms = watch.first_divergence()
+    assert batch == 4 and loss == float("inf") and list(terms) == ["ce", "kl"]
+    assert terms["ce"] == 1.0 and terms["kl"] == float("inf")
+    watch.start(0)  # the next epoch forgets it
+    assert watch.first_divergence() is None

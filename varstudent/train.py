@@ -125,18 +125,49 @@ class _GraphedStep:
     epoch's. The batch's sample indices are copied into one fixed buffer before each replay, and the step's
     outputs (loss, terms, correct count) land in fixed tensors. The first recording is preceded by a few eager
     steps on a side stream (real batches, as CUDA graphs require); a batch of another size runs eagerly.
+    A replay cannot stop for the host to look at the loss, so the graph itself notes the batch number and the
+    terms of the epoch's first non-finite loss (`watch`), which the loop reads once at the epoch's end.
     """
 
     WARMUP_STEPS = 3
+    MAX_WATCHED = 16  # the loss and its terms; more terms than this fall back to the epoch sums' check
 
-    def __init__(self, step: Callable[[torch.Tensor], dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-                 batch_size: int, device: torch.device) -> None:
+    def __init__(self, step: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None,
+                 optimizer: torch.optim.Optimizer | None, batch_size: int, device: torch.device) -> None:
         self.step, self.optimizer = step, optimizer
         self.index = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: dict[str, torch.Tensor] = {}
         self.warmup_steps = 0
         self.recorded = 0
+        self.batch = torch.zeros((), dtype=torch.long, device=device)  # the batch a replay is on
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_values = torch.zeros(self.MAX_WATCHED, device=device)  # loss, then the terms, at first_bad
+        self.term_names: list[str] = []
+
+    def watch(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Device-side: remember the batch number and values of the first non-finite loss; count the batch."""
+        if len(terms) + 1 <= self.MAX_WATCHED:
+            self.term_names = list(terms)
+            values = torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).to(self.bad_values.dtype)
+            first = (self.first_bad < 0) & ~torch.isfinite(loss)
+            self.first_bad.copy_(torch.where(first, self.batch, self.first_bad))
+            kept = self.bad_values[:values.numel()]
+            kept.copy_(torch.where(first, values, kept))
+        self.batch.add_(1)
+
+    def first_divergence(self) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]] | None:
+        """(batch, loss, terms) of the first non-finite loss since `start`, or None; one host sync."""
+        batch = int(self.first_bad)
+        if batch < 0:
+            return None
+        values = self.bad_values[:len(self.term_names) + 1].cpu()
+        return batch, values[0], dict(zip(self.term_names, values[1:]))
+
+    def start(self, batch: int) -> None:
+        """Before an epoch's first replay: number the replays from `batch`, forget earlier divergences."""
+        self.batch.fill_(batch)
+        self.first_bad.fill_(-1)
 
     def warmup(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         self.warmup_steps += 1
@@ -151,8 +182,14 @@ class _GraphedStep:
         self.graph = None  # frees the last epoch's graph and its memory pool first
         self.optimizer.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph's pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.outputs = self.step(self.index)
+        stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph):
+                self.outputs = self.step(self.index)
+        except RuntimeError:
+            # a capture that fails inside ends in capture_end's error, which skips restoring the stream
+            torch.cuda.set_stream(stream)
+            raise
         self.graph = graph
         self.recorded += 1
 
@@ -170,11 +207,15 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, se
     n = x.shape[0]
     steps = math.ceil(n / settings.batch_size)
     step_model = distributed.wrap(model)
-    graphed = settings.cuda_graphs and x.device.type == "cuda" and not distributed.is_worker()
-    # the fused Adam step (one kernel over all parameters) halves a dense-MLP epoch on the CPU; a graph
-    # replays the step counter's update too, so it must live on the GPU (capturable)
+    # graphs are recorded on the current CUDA device: data on another one trains eagerly
+    graphed = (settings.cuda_graphs and x.device.type == "cuda" and not distributed.is_worker()
+               and x.device.index in (None, torch.cuda.current_device()))
+    # the fused Adam step (one kernel over all parameters) halves a dense-MLP epoch on the CPU. Fused Adam keeps
+    # its step counter on the GPU anyway; capturable=True is what lets a graph record optimizer.step()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, fused=x.device.type in ("cpu", "cuda"),
                                  capturable=graphed)
+    if graphed:  # the warm-up and ragged-batch steps run uncaptured on purpose: no warning about them
+        optimizer._warned_capturable_if_run_uncaptured = True
     generator = torch.Generator().manual_seed(settings.seed)
     result, calm_epochs, previous = FitResult(), 0, None
     first_epoch, seconds_before = 0, 0.0
@@ -189,7 +230,9 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, se
     def train_step(index: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = step_model(x[index])
         loss, terms = loss_fn(model, logits, y[index], index, epoch)
-        if not graphed and not torch.isfinite(loss):  # a graph cannot stop midway: it checks once per epoch
+        if graphed and torch.cuda.is_current_stream_capturing():
+            graph.watch(loss, terms)  # a replay cannot stop midway: the loop reads this at the epoch's end
+        elif not torch.isfinite(loss):
             raise _Diverged(loss, terms)
         optimizer.zero_grad(set_to_none=not graphed)  # a graph reuses its gradient buffers
         loss.backward()
@@ -218,7 +261,7 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, se
                     out = train_step(index)
                 elif graph.warmup_steps < _GraphedStep.WARMUP_STEPS:
                     out = graph.warmup(index)
-                elif graph.graph is None and not _record(graph, settings.desc):
+                elif graph.graph is None and not _record(graph, settings.desc, step):
                     graph = None  # a step this build cannot record: the rest of the run is eager
                     out = train_step(index)
                 else:
@@ -234,11 +277,16 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, se
             if step % 50 == 0 and bar.n:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{out['loss'].item() / index.numel():.4f}")
         if graph is not None:
+            replayed = graph.graph is not None
             graph.graph = None  # next epoch records again, with its own lr and loss weights
             result.cuda_graphs = graph.recorded
+            diverged = graph.first_divergence() if replayed else None
+            if diverged is not None:
+                bar.close()
+                raise _divergence(settings, diverged[1], diverged[2], epoch, diverged[0], checkpoint)
         totals = distributed.all_sum(dict(zip(keys, sums)))
         correct = totals.pop("correct")
-        if graphed and not torch.isfinite(totals["loss"]):
+        if graphed and not torch.isfinite(totals["loss"]):  # a backstop: sums of finite losses can overflow too
             bar.close()
             raise _divergence(settings, totals["loss"] / n, {k: v for k, v in totals.items() if k != "loss"},
                               epoch, None, checkpoint)
@@ -278,14 +326,17 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, se
     return result
 
 
-def _record(graph: _GraphedStep, desc: str) -> bool:
+def _record(graph: _GraphedStep, desc: str, step: int) -> bool:
+    """Record the step before batch `step` (0-based) replays; False, with a warning, where it cannot be."""
     try:
         graph.record()
     except RuntimeError as error:  # e.g. an op that synchronizes with the host inside the step
+        cause = error.__context__ or error  # capture_end's own error hides the op that broke the capture
         log.warning("%s: the training step could not be recorded as a CUDA graph (%s); training on without",
-                    desc, str(error).splitlines()[0] if str(error) else type(error).__name__)
+                    desc, (str(cause).splitlines() or [type(cause).__name__])[0])
         graph.optimizer.zero_grad(set_to_none=True)
         return False
+    graph.start(step)
     return True
 
 
