@@ -17,6 +17,11 @@ the same machine as the others.
     python benchmarks/gpu_students.py unpack $FILES_AT --into W
     python benchmarks/reproduce.py mnist-mlp --full --out W --reuse-teacher --reuse-students --only ...
 
+With the steps replayed as CUDA graphs the teacher fits the same call, so the whole full form needs no training
+here: `pack W --out .gpu/x --experiment NAME --full` writes only the experiment's params and prepared data;
+`run .gpu/x ... --experiment NAME --method vs_bsr --method sparse_vd` trains the teacher there first (returned
+as teacher.tar.gz, which `unpack` puts in W/teacher) and names and sets the rows as the experiment's methods.
+
 `run` writes, as it goes, summary.md (epochs done, seconds per epoch, test accuracy, sparsity) and one
 NAME.tar.gz per finished student into --out, so a run cut short still returns what it finished. When a
 row's projected finish passes --deadline (seconds after start), the lowest-priority row still training
@@ -50,21 +55,63 @@ EPOCH_LINE = re.compile(r"distill epoch (\d+)/(\d+) .*?seconds=([\d.e+-]+).*?tes
                         r".*?sparsity_pct=([\d.e+-]+)")
 
 
+def _experiment_rows(experiment: str, methods: list[str]) -> list[str]:
+    """NAME:key=v,... rows for methods of benchmarks/experiments/EXPERIMENT.yaml (the table's row names)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reproduce import load_experiment
+
+    exp = load_experiment(experiment)
+    unknown = [m for m in methods if m not in exp.methods or exp.methods[m] == "dense"]
+    if unknown:
+        sys.exit(f"{experiment} has no variational method {', '.join(unknown)} (known: {', '.join(exp.methods)})")
+    return [f"{m}:{','.join(exp.methods[m])}" for m in methods]
+
+
 def pack(args: argparse.Namespace) -> None:
     from safetensors.numpy import load_file
 
     work, out = Path(args.work), Path(args.out)
+    if args.experiment:  # a fresh reproduce.py folder: its params and prepared data, no teacher yet
+        sys.path.insert(0, str(Path(__file__).parent))
+        from reproduce import effective_params, load_experiment
+
+        from varstudent import stages
+
+        exp = load_experiment(args.experiment)
+        params = effective_params(exp, [*(exp.full if args.full else exp.quick), *args.set], work)
+        if not (work / "prepare" / "manifest.json").is_file():
+            stages.prepare(params, work / "prepare")
     out.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((work / "prepare" / "manifest.json").read_text())
     arrays = load_file(work / "prepare" / "data.safetensors")
     np.savez_compressed(out / "data.npz", **arrays, dataset=np.array(manifest["dataset"]),
                         sha256=np.array(manifest["sha256"]), classes=np.arange(manifest["num_classes"]))
     shutil.rmtree(out / "teacher", ignore_errors=True)
-    shutil.copytree(work / "teacher", out / "teacher")
+    has_teacher = (work / "teacher" / "metrics.json").is_file()
+    if has_teacher:
+        shutil.copytree(work / "teacher", out / "teacher")
     shutil.copyfile(work / "params.yaml", out / "params.yaml")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"{out}: data ({manifest['n_train']} train / {manifest['n_test']} test), teacher, params.yaml; "
-          f"{size / 2**20:.1f} MiB")
+    print(f"{out}: data ({manifest['n_train']} train / {manifest['n_test']} test), "
+          f"{'teacher' if has_teacher else 'no teacher (run trains it)'}, params.yaml; {size / 2**20:.1f} MiB")
+
+
+def _teacher(src: Path, work: Path, out: Path, sets: list[str]) -> Path:
+    """The packed teacher, or one trained here first by the library's teacher stage (returned as teacher.tar.gz)."""
+    if (src / "teacher" / "metrics.json").is_file():
+        return src / "teacher"
+    import logging
+
+    from varstudent import stages
+    from varstudent.config import load_params
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    params = load_params(src / "params.yaml", [*sets, "runtime.progress=false"])
+    metrics = stages.teacher(params, work / "prepare", work / "teacher")
+    with tarfile.open(out / "teacher.tar.gz", "w:gz") as tar:
+        tar.add(work / "teacher", arcname="teacher")
+    print("TEACHER", json.dumps(metrics), flush=True)
+    return work / "teacher"
 
 
 def one(args: argparse.Namespace) -> None:
@@ -93,6 +140,9 @@ def run(args: argparse.Namespace) -> None:
     from varstudent.data import write_prepared
 
     started = time.monotonic()
+    rows = args.row + (_experiment_rows(args.experiment, args.method) if args.method else [])
+    if not rows:
+        sys.exit("no rows: give --row NAME:key=v,... or --experiment NAME --method M")
     src, out = Path(args.packed), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="vs-gpu-"))
@@ -101,19 +151,20 @@ def run(args: argparse.Namespace) -> None:
                               arrays["x_test"], arrays["y_test"], arrays["classes"].tolist())
     info = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "same_data": manifest["sha256"] == str(arrays["sha256"]),
-            "rows": args.row, "parallel": len(args.row)}
+            "rows": rows, "parallel": len(rows)}
     (out / "info.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info), flush=True)
     if not info["same_data"]:
         sys.exit("the prepared data written here differs from the packed one (sha256)")
-    threads = max(1, (os.cpu_count() or 2) // len(args.row))
+    teacher = _teacher(src, work, out, args.set)
+    threads = max(1, (os.cpu_count() or 2) // len(rows))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     procs: dict[str, subprocess.Popen] = {}
     state: dict[str, str] = {}
-    for text in args.row:
+    for text in rows:
         name, _, sets = text.partition(":")
         cmd = [sys.executable, __file__, "one", "--params", str(src / "params.yaml"), "--data",
-               str(work / "prepare"), "--teacher", str(src / "teacher"), "--distill", str(work / name / "distill"),
+               str(work / "prepare"), "--teacher", str(teacher), "--distill", str(work / name / "distill"),
                *[a for s in sets.split(",") if s for a in ("--set", s)],
                *[a for s in args.set for a in ("--set", s)]]
         (work / name).mkdir(parents=True)
@@ -184,6 +235,12 @@ def unpack(args: argparse.Namespace) -> None:
     into = Path(args.into)
     for archive in sorted(Path(args.files).glob("*.tar.gz")):
         name = archive.name.removesuffix(".tar.gz")
+        if name == "teacher":  # trained on the GPU: where reproduce.py --reuse-teacher looks
+            shutil.rmtree(into / "teacher", ignore_errors=True)
+            with tarfile.open(archive) as tar:
+                tar.extractall(into, filter="data")
+            print(f"{archive} -> {into / 'teacher'}")
+            continue
         target = into / name
         shutil.rmtree(target / "distill", ignore_errors=True)
         target.mkdir(parents=True, exist_ok=True)
@@ -195,13 +252,18 @@ def unpack(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pack", help="the prepared data, teacher and params of a reproduce.py folder")
+    p = sub.add_parser("pack", help="the prepared data, teacher (if trained) and params of a reproduce.py folder")
     p.add_argument("work")
     p.add_argument("--out", required=True)
+    p.add_argument("--experiment", help="start WORK afresh from this experiment: params + prepared data only")
+    p.add_argument("--full", action="store_true", help="with --experiment: the published budget")
+    p.add_argument("--set", action="append", default=[], help="with --experiment: override (repeatable)")
     r = sub.add_parser("run", help="train the rows in parallel (on the GPU machine)")
     r.add_argument("packed")
     r.add_argument("--out", required=True)
-    r.add_argument("--row", action="append", required=True, help="NAME:key=v,key=v (highest priority first)")
+    r.add_argument("--row", action="append", default=[], help="NAME:key=v,key=v (highest priority first)")
+    r.add_argument("--experiment", help="with --method: rows named and set as in this experiment's methods")
+    r.add_argument("--method", action="append", default=[], help="a method of --experiment (after the --row rows)")
     r.add_argument("--set", action="append", default=[], help="override for every row")
     r.add_argument("--deadline", type=float, default=500.0, help="seconds after start every row should end by")
     r.add_argument("--poll", type=float, default=10.0)

@@ -33,20 +33,23 @@ def _gpu_students(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_student_trained_elsewhere_is_reused_only_with_its_own_settings(tmp_path: Path, capsys) -> None:
+    """The whole round trip of a lease: data packed here, teacher and student trained there, the table here."""
     reproduce, work = _reproduce(), tmp_path / "work"
-    reproduce.main(["mnist-mlp", "--out", str(work), "--only", *DIGITS])  # data + teacher, no rows
-    _gpu_students("pack", str(work), "--out", str(tmp_path / "packed"))
-    run = _gpu_students("run", str(tmp_path / "packed"), "--out", str(tmp_path / "back"), "--row", "vs_bsr:",
-                        "--set", "distill.epochs=2", "--poll", "0.5")
-    assert "| vs_bsr | done | 2/2 |" in run.stdout  # the summary the GPU run returns
+    _gpu_students("pack", str(work), "--out", str(tmp_path / "packed"), "--experiment", "mnist-mlp", *DIGITS)
+    assert not (tmp_path / "packed" / "teacher").exists()  # the other machine trains it
+    run = _gpu_students("run", str(tmp_path / "packed"), "--out", str(tmp_path / "back"), "--experiment",
+                        "mnist-mlp", "--method", "vs_bsr", "--set", "distill.epochs=2", "--poll", "0.5")
+    assert "TEACHER" in run.stdout and "| vs_bsr | done | 2/2 |" in run.stdout  # the summary it returns
     _gpu_students("unpack", str(tmp_path / "back"), "--into", str(work))
-    student = work / "vs_bsr" / "distill" / "student.safetensors"
-    trained_at = student.stat().st_mtime_ns
+    assert json.loads((work / "teacher" / "metrics.json").read_text())["epochs_run"] == 1
+    student, teacher = work / "vs_bsr" / "distill" / "student.safetensors", work / "teacher" / "teacher.safetensors"
+    trained_at, teacher_at = student.stat().st_mtime_ns, teacher.stat().st_mtime_ns
     capsys.readouterr()
 
     reproduce.main(["mnist-mlp", "--out", str(work), "--only", "vs_bsr", "--reuse-teacher", "--reuse-students",
                     *DIGITS, "--set", "distill.epochs=2"])
     assert "vs_bsr: student reused from" in capsys.readouterr().out
+    assert teacher.stat().st_mtime_ns == teacher_at  # the teacher trained there, not retrained here
     assert student.stat().st_mtime_ns == trained_at  # taken as it came back, not retrained
     row = next(r for r in json.loads((work / "results.json").read_text())["rows"] if r["method"] == "vs_bsr")
     assert row["epochs"] == 2 and 0 < row["nonzero"] <= row["weights"]
