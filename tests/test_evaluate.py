@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -26,6 +27,7 @@ def test_models_are_timed_in_interleaved_rounds() -> None:
     assert torch.get_num_threads() == threads  # restored
     warm, timed = calls[:2 * 2 * len(BATCHES)], calls[2 * 2 * len(BATCHES):]
     assert sorted(set(warm)) == sorted({(m, b) for m in ("teacher", "compact") for b in BATCHES})
+    assert all(warm.count((m, b)) == 2 for m in ("teacher", "compact") for b in BATCHES)  # warmup=2 each
     for name in ("teacher", "compact"):
         for batch in BATCHES:  # batches built from the 7-sample test slice, repeated as needed
             assert timed.count((name, batch)) == 12
@@ -33,8 +35,9 @@ def test_models_are_timed_in_interleaved_rounds() -> None:
     assert switches == 2 * SPEED_ROUNDS - 1  # teacher, compact, teacher, ... once per round each
     for model_speed in speeds:
         assert set(model_speed) == set(BATCHES)
-        for s in model_speed.values():
-            assert s["samples_per_s"] > 0 and 0 < s["latency_ms_median"] <= s["latency_ms_p95"]
+        for batch, s in model_speed.items():
+            assert 0 < s["latency_ms_median"] <= s["latency_ms_p95"]
+            assert s["samples_per_s"] == pytest.approx(batch * 1e3 / s["latency_ms_median"])  # per sample, not call
             assert s["threads"] == 1
 
 

@@ -336,7 +336,8 @@ def test_the_rounding_bound_holds_and_is_not_vacuous(name: str) -> None:
         with torch.no_grad():
             moved = (_rounded(small, dtype)(x) - exact).abs()
         assert (moved <= bound + 1e-5).all(), precision  # sound: rounding never moves a logit further
-        assert bound.max() < 100 * moved.max(), precision  # not vacuous: of the order of what rounding does
+        # not vacuous: of the order of what rounding does (measured 1.4-27x over these nets and precisions)
+        assert bound.max() < 40 * moved.max(), precision
 
 
 def test_float16_parity_scales_with_the_logits(tmp_path: Path) -> None:

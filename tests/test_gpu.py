@@ -30,8 +30,11 @@ def test_distill_stage_runs_on_cuda(tmp_path, digits_dir) -> None:
                                 "teacher.epochs=3", "distill.epochs=3", "runtime.device=cuda",
                                 "tracking.enabled=false"])
     stages.teacher(params, digits_dir, tmp_path / "teacher")
+    torch.cuda.reset_peak_memory_stats()
     metrics = stages.distill(params, digits_dir, tmp_path / "teacher", tmp_path / "distill")
-    assert metrics["epochs_run"] == 3 and 0.0 <= metrics["student_accuracy"] <= 1.0
+    assert torch.cuda.max_memory_allocated() > 0  # it trained on the GPU, not quietly on the CPU
+    # 0.67 on the CPU after these 3 epochs; chance is 0.1
+    assert metrics["epochs_run"] == 3 and metrics["student_accuracy"] > 0.4
 
 
 def _data(n: int = 1050):  # 10 full batches of 100 and a ragged one of 50
@@ -114,8 +117,9 @@ def test_graphed_variational_student_with_every_loss_term(deterministic, caplog)
     eager, graphed = runs
     assert graphed.cuda_graphs == 4, caplog.text  # recorded, not fallen back to eager steps
     assert set(graphed.history[-1]) == set(eager.history[-1])  # ce, kd, kl, bsr, loss, ...
-    for a, b in zip(eager.history, graphed.history):  # sampled noise may differ: close, not equal
-        assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
+    for a, b in zip(eager.history, graphed.history):  # every term, BSR (~1 % of the loss) too; on the H100 the
+        for term in ("loss", "ce", "kd", "kl", "bsr"):  # graph drew the same noise: the losses were equal
+            assert b[term] == pytest.approx(a[term], rel=1e-3), term
     assert graphed.history[-1]["ce"] < graphed.history[0]["ce"]
 
 

@@ -120,3 +120,13 @@ def test_student_loss_weights_switch_terms_on_and_off() -> None:
     total, terms = student_loss(student, logits, y, zt, full, 0.5, 100, None)
     expected = terms["ce"] + 0.5 * kd_loss(logits, zt, 2) + 2.0 * 0.5 * total_kl(student) / 100
     torch.testing.assert_close(total, expected)
+    # every term on, the other KD direction, and a real BSR: each weighted once, each reported unweighted
+    teacher = build_model(build_spec("mlp-12", (1, 4, 4), 3))
+    bsr = BlockSparseRegularizer(*paired_weights(teacher, student))
+    every = LossWeights(kd=0.5, temperature=2, kd_direction="student_teacher", vd=2.0, bsr=0.1)
+    total, terms = student_loss(student, logits, y, zt, every, 0.5, 100, bsr)
+    assert set(terms) == {"ce", "kd", "kl", "bsr"} and bsr().item() > 0
+    torch.testing.assert_close(terms["kd"], kd_loss(logits, zt, 2, "student_teacher"))
+    assert not torch.allclose(terms["kd"], kd_loss(logits, zt, 2, "teacher_student"))
+    expected = (terms["ce"] + 0.5 * terms["kd"] + 2.0 * 0.5 * total_kl(student) / 100 + 0.1 * bsr())
+    torch.testing.assert_close(total, expected)

@@ -43,12 +43,24 @@ def test_compact_conv_nets_match_masked() -> None:
     lenet = build_model(build_spec("lenet5", (1, 28, 28), 10, width=0.3, variational=True))
     randomly_sparse(lenet, 0.1)
     assert_same_function(lenet, compact(lenet), torch.rand(8, 1, 28, 28))
+    torch.manual_seed(0)  # which silent filters end as positive constants depends on the initial weights
     vgg = build_model(build_spec("vgg-like", (3, 32, 32), 10, width=0.0625, variational=True))
     randomly_sparse(vgg, 0.3)
+    layers = variational_layers(vgg)
+    # silent filters / units in batch-normed layers: their constant output (the batch norm of a zero or of the
+    # bias) must be folded into what reads them, and the input channels of the next conv must go
+    for index, silent in ((2, [1, 5]), (13, [0, 7, 20])):
+        keep = layers[index].log_alpha < 3
+        keep[silent] = False
+        set_keep(layers[index], keep)
     vgg.train()
     vgg(torch.rand(16, 3, 32, 32))  # fill the batch-norm running statistics with something non-trivial
     small = compact(vgg)
     assert_same_function(vgg, small, torch.rand(4, 3, 32, 32))
+    # a silent conv filter whose batch norm + ReLU gives a positive constant stays: zero padding makes its
+    # contribution to the next conv position-dependent, so it cannot become that conv's bias
+    assert small.spec["layers"][2]["out"] < 8 and small.spec["layers"][3]["in"] == small.spec["layers"][2]["out"]
+    assert small.spec["layers"][13]["out"] <= 29
 
 
 def test_the_right_units_disappear() -> None:

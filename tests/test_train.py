@@ -41,6 +41,9 @@ def test_warm_up_epochs_do_not_count_towards_convergence() -> None:
                            progress=False)
     result = fit(model, x, y, _ce, settings)  # lr 0: the loss never changes, so only the warm-up delays the stop
     assert result.epochs_run == 9
+    patient = FitSettings(epochs=20, batch_size=50, lr=0.0, converge_tol=0.5, patience=3, converge_after=8,
+                          progress=False)
+    assert fit(model, x, y, _ce, patient).epochs_run == 11  # three calm epochs after the warm-up: 9, 10, 11
 
 
 def test_runs_to_the_limit_when_not_converged() -> None:
@@ -88,6 +91,10 @@ def test_lr_decays_linearly_to_zero_after_the_start() -> None:
     s = FitSettings(epochs=10, batch_size=1, lr=1.0, lr_decay_start=0.5)
     assert [lr_factor(e, s) for e in (0, 4, 5, 6, 9)] == [1.0, 1.0, 1.0, 0.8, 0.2]
     assert lr_factor(9, FitSettings(epochs=10, batch_size=1, lr=1.0)) == 1.0
+    x, y = _toy()  # and fit applies it, epoch by epoch
+    settings = FitSettings(epochs=4, batch_size=50, lr=0.02, lr_decay_start=0.5, progress=False)
+    result = fit(build_model(build_spec("mlp-8", (1, 2, 2), 2)), x, y, _ce, settings)
+    assert [row["lr"] for row in result.history] == pytest.approx([0.02, 0.02, 0.02, 0.01])
 
 
 @pytest.mark.slow

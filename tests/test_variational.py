@@ -36,6 +36,7 @@ def test_fused_kl_matches_autograd_value_and_gradient(path: str, monkeypatch: py
     expected = kl_approx(layer.log_alpha).sum()
     grad_w, grad_s = torch.autograd.grad(expected, [layer.weight, layer.log_sigma2])
     got = layer.kl()
+    assert got.grad_fn.fused is (path == "c_kernel")  # the path under test is the one that ran
     got_w, got_s = torch.autograd.grad(got, [layer.weight, layer.log_sigma2])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(got_s, grad_s, rtol=1e-4, atol=1e-6)
@@ -66,11 +67,15 @@ def test_conv_local_reparameterization_variance() -> None:
 
 
 def test_evaluation_uses_exactly_the_kept_weights() -> None:
-    layer = LinearSVD(8, 4, threshold=3.0)
+    torch.manual_seed(0)
+    layer = LinearSVD(8, 4, threshold=1.0)  # not the default 3: the layer's own threshold must be the one used
+    noise = torch.randn(4, 8) * 4
     with torch.no_grad():
-        layer.log_sigma2.copy_(torch.log(layer.weight ** 2) + torch.randn(4, 8) * 4)
-    keep = layer.log_alpha < 3.0
-    assert 0 < keep.sum() < keep.numel()  # the test needs both kinds
+        layer.weight.copy_(torch.empty(4, 8).uniform_(0.05, 0.5) * torch.randn(4, 8).sign())
+        layer.log_sigma2.copy_(torch.log(layer.weight ** 2) + noise)  # so log alpha ~= noise
+    keep = noise < 1.0
+    assert 0 < keep.sum() < keep.numel() and ((noise > 1.0) & (noise < 3.0)).any()  # both kinds, and the gap
+    assert torch.equal(layer.keep_mask(), keep)
     x = torch.randn(5, 8)
     layer.eval()
     expected = x @ (layer.weight * keep).T + layer.bias
