@@ -16,15 +16,28 @@ from varstudent.nn.architectures import build_model, build_spec
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     net = build_model(build_spec("lenet5", (1, 28, 28), 10, width=0.2, variational=True)).eval()
+    # a fresh net has every log_sigma2 at its initial value, so a lost log_sigma2 would load back unnoticed:
+    # random ones mask some weights and keep others
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith("log_sigma2"):
+                param.copy_(torch.rand(param.shape, generator=gen) * 20 - 10)
     save_model(net, tmp_path, "m", meta={"note": "x"})
     return tmp_path, net
 
 
 def test_round_trip_gives_the_same_function(saved) -> None:
     folder, net = saved
+    masks = [m.keep_mask() for m in net.modules() if hasattr(m, "keep_mask")]
+    assert masks and all(bool(k.any()) and not bool(k.all()) for k in masks)  # some weights masked in each layer
     loaded = load_model(folder, "m")
+    want, got = net.state_dict(), loaded.state_dict()
+    assert list(got) == list(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
     x = torch.rand(3, 1, 28, 28)
-    torch.testing.assert_close(loaded(x), net(x))
+    assert torch.equal(loaded(x), net(x))
     doc = json.loads((folder / "m.json").read_text())
     assert doc["meta"] == {"note": "x"} and doc["spec"]["variational"] is True
 
@@ -32,7 +45,19 @@ def test_round_trip_gives_the_same_function(saved) -> None:
 def test_no_pickle_anywhere(saved) -> None:
     folder, _ = saved
     assert sorted(p.name for p in folder.iterdir()) == ["m.json", "m.safetensors"]
-    assert not (folder / "m.safetensors").read_bytes().startswith(b"\x80")  # a pickle stream starts so
+    blob = (folder / "m.safetensors").read_bytes()
+    assert not blob.startswith(b"\x80")  # a pickle stream starts so
+    assert not blob.startswith(b"PK\x03\x04")  # torch.save's zip archive (pickle inside) starts so
+    # the safetensors layout: an 8-byte little-endian header length, a JSON object, then the raw tensor bytes
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + header_len])
+    assert isinstance(header, dict) and header
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    assert max(v["data_offsets"][1] for v in tensors.values()) == len(blob) - 8 - header_len
+    from safetensors import safe_open
+
+    with safe_open(folder / "m.safetensors", framework="pt") as f:
+        assert sorted(f.keys()) == sorted(tensors)
 
 
 def test_files_get_ordinary_permissions(saved) -> None:

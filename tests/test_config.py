@@ -80,9 +80,22 @@ def test_unreadable_files_are_clear_errors(tmp_path: Path) -> None:
         load_params(scalar)
 
 
-def test_digest_changes_with_any_setting() -> None:
+# one setting of every section (and the top-level seed), each changed from its default to a valid value
+DIGEST_OVERRIDES = ["seed=1", "data.test_fraction=0.25", "validate.max_class_ratio=3", "teacher.epochs=6",
+                    "student.width=0.5", "distill.kd_weight=0.31", "prune.threshold=2.5",
+                    "export.sparse_values=float16", "evaluate.latency_warmup=4", "runtime.device=cpu",
+                    "train.checkpoint_every=2", "tracking.experiment=other", "services.retries=3",
+                    "tune.kd_weight=[0.1, 2.0]", "kfp.tune_workers=2", "register.min_compression=5"]
+
+
+def test_digest_overrides_cover_every_section() -> None:
+    assert {o.split("=")[0].split(".")[0] for o in DIGEST_OVERRIDES} == set(Params().to_dict())
+
+
+@pytest.mark.parametrize("override", DIGEST_OVERRIDES)
+def test_digest_changes_with_any_setting(override: str) -> None:
     assert load_params(None).digest() == load_params(None).digest()
-    assert load_params(None).digest() != load_params(None, ["distill.kd_weight=0.31"]).digest()
+    assert load_params(None).digest() != load_params(None, [override]).digest()
 
 
 def test_a_list_of_choices_is_a_tuple_and_one_name_is_a_list_of_one() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -69,6 +70,8 @@ def _compact_predictions(out: Path, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_pipeline_run_has_nested_stage_runs_with_lineage(tracked: dict[str, Any]) -> None:
+    from varstudent.tracking import GIT_COMMIT_ENV, git_commit
+
     client, out = _client(tracked["uri"]), tracked["out"]
     experiment = client.get_experiment_by_name("varstudent")
     runs = client.search_runs([experiment.experiment_id])
@@ -76,10 +79,18 @@ def test_pipeline_run_has_nested_stage_runs_with_lineage(tracked: dict[str, Any]
     assert sorted(by_stage) == sorted([*STAGES, "pipeline"]) and len(runs) == 7
     parent = by_stage.pop("pipeline")
     manifest = json.loads((out / "prepare/manifest.json").read_text())
+    # the commit, or "unknown" without git; "-dirty" is left out of the comparison: it may flip when a tracked
+    # file is edited while the tests run
+    commit = git_commit().removesuffix("-dirty")
     for stage, run in by_stage.items():
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, stage
         assert run.data.tags["varstudent.params_digest"] == _params(tracked["uri"]).digest()
-        assert run.data.tags["varstudent.git_commit"]  # the commit, or "unknown" without git
+        tagged = run.data.tags["varstudent.git_commit"]
+        assert tagged.removesuffix("-dirty") == commit, stage
+        if not os.environ.get(GIT_COMMIT_ENV):
+            assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", tagged), tagged
+        if commit != "unknown":
+            assert run.data.tags["mlflow.source.git.commit"] == commit, stage
         assert run.data.tags["varstudent.dataset_digest"] == manifest["sha256"][:16]
         dataset = run.inputs.dataset_inputs[0].dataset
         assert dataset.digest == manifest["sha256"][:16] and dataset.name == "digits", stage
@@ -237,9 +248,33 @@ def test_registry_lock_waits_for_the_holder_and_breaks_an_abandoned_one(tmp_path
 
     client = _client(f"sqlite:///{tmp_path}/lock.db")
     with registry_lock(client, "m", lease_s=60):
+        started = time.monotonic()
         with pytest.raises(ServiceError, match="m.register-lock"):
             with registry_lock(client, "m", lease_s=60, wait_s=0.5):
                 pass
+        assert time.monotonic() - started >= 0.5  # it waited out wait_s before giving up
+    # a holder that releases within wait_s: the waiter gets the lock then, not an error
+    held, errors = threading.Event(), []
+
+    def holder() -> None:
+        try:
+            with registry_lock(client, "m", lease_s=60):
+                held.set()
+                time.sleep(0.3)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+            held.set()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(10)
+    started = time.monotonic()
+    with registry_lock(client, "m", lease_s=60, wait_s=5):
+        waited = time.monotonic() - started
+    thread.join(5)
+    assert not errors, errors
+    assert 0.1 <= waited < 5  # it waited for the holder's release (~0.3 s)
+    assert client.search_registered_models() == []
     client.create_registered_model("m.register-lock")  # left behind by a killed process
     time.sleep(1.1)
     started = time.monotonic()

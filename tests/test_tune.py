@@ -57,10 +57,15 @@ def test_validation_split_is_stratified_from_the_training_data_only(tmp_path: Pa
     assert len(carved.y_test) == math.ceil(0.25 * len(source.y_train))  # scikit-learn rounds up
     share = np.bincount(carved.y_test.numpy(), minlength=10) / np.bincount(source.y_train.numpy(), minlength=10)
     assert np.all(np.abs(share - 0.25) < 0.03), share  # stratified: every class ~25 % held out
-    # a second call keeps the split; other settings on the same folder are refused
+    # a second call keeps the split (no file rewritten); other settings on the same folder are refused
+    stamps = lambda: {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in split.iterdir()}  # noqa: E731
+    before = stamps()
+    assert {"manifest.json", "origin.json"} <= set(before)
     tune.carve_validation(params, digits_dir, split)
+    assert stamps() == before
     with pytest.raises(ConfigError, match="split from other data or settings"):
         tune.carve_validation(load_params(None, tiny(tmp_path, "tune.validation_fraction=0.3")), digits_dir, split)
+    assert stamps() == before
 
 
 @pytest.mark.slow
@@ -201,6 +206,10 @@ def test_four_workers_share_one_postgres_study_and_a_killed_worker_does_not_bloc
     report = tune.tune_dirs(out, "shared")["report"]
     every, front = _read_csv(report / "trials.csv"), _read_csv(report / "pareto.csv")
     completed = [r for r in every if r["state"] == "COMPLETE"]
+    # the CSV lists every trial of the study once, in its final state, with the study's objective values
+    assert sorted(r["number"] for r in every) == sorted(numbers)
+    done = {t.number: t.values for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert {r["number"]: [r["val_accuracy"], r["compression"]] for r in completed} == done
     assert front and {r["number"] for r in front} <= {r["number"] for r in completed}
     for f in front:
         assert not any(_dominates(c, f) for c in completed), f

@@ -176,8 +176,14 @@ def test_nan_pixel_fails_prepare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert "(nonfinite=1)" in message and not (tmp_path / "prepare" / "data.safetensors").exists()
 
 
-def test_infinite_and_out_of_range_pixels_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Guards: an inf pixel and a pixel above 255 in a float source are both reported.
+@pytest.mark.parametrize(("pixel", "failed"), [
+    (np.inf, ["no NaN or infinite pixels", "pixel values within 0..255 (maximum)"]),
+    (17.0, ["pixel values within 0..255 (maximum)"]),  # 17 * 255/16 = 270.9375 > 255, finite
+], ids=["inf", "finite-above-255"])
+def test_infinite_and_out_of_range_pixels_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pixel: float,
+                                               failed: list[str]) -> None:
+    # Guards: an inf pixel and a pixel above 255 in a float source are each reported on their own: a finite
+    # out-of-range pixel fails the range expectation, not the non-finite one.
     from sklearn import datasets
 
     real = datasets.load_digits
@@ -185,14 +191,19 @@ def test_infinite_and_out_of_range_pixels_fail(tmp_path: Path, monkeypatch: pyte
     def bad_digits(return_X_y: bool):
         x, y = real(return_X_y=True)
         x = x.copy()
-        x[0, 0], x[1, 5] = np.inf, 17.0  # 17 * 255/16 > 255
+        x[1, 5] = pixel
         return x, y
 
     monkeypatch.setattr(datasets, "load_digits", bad_digits)
     with pytest.raises(DataError) as exc:
         run_prepare("digits", tmp_path / "prepare")
     message = str(exc.value)
-    assert "no NaN or infinite pixels" in message and "pixel values within 0..255 (maximum)" in message
+    assert f"{len(failed)} of 15 expectations failed" in message
+    for description in failed:
+        assert description in message
+    assert ("no NaN or infinite pixels" in message) == (pixel == np.inf)
+    if pixel != np.inf:
+        assert "(pixel_max=270.9375)" in message
 
 
 @pytest.mark.slow
@@ -324,6 +335,19 @@ def test_train_size_is_stratified_and_seeded(tmp_path: Path) -> None:
     assert a["source_n_train"] == 1437
     da, db, dc = (load_prepared(tmp_path / d) for d in "abc")
     assert da.y_train.tolist() == db.y_train.tolist() and not bool((da.x_train == dc.x_train).all())
+    # prepare's seed also reseeds digits' own train/test split, so check subset_train's own seed directly
+    # on fixed arrays: row i holds the pixel value i, so the picked rows name themselves
+    y = np.repeat(np.arange(4), 25)
+    x = np.arange(100).reshape(100, 1, 1, 1)
+    picks = {}
+    for seed in (0, 1, 0):
+        xs, ys = prepare.subset_train(x, y, seed, 40, 1.0)
+        rows = xs.ravel()
+        assert len(set(rows.tolist())) == 40 and rows.tolist() == sorted(rows.tolist())  # distinct, source order
+        assert (y[rows] == ys).all()  # each picked row keeps its own label: a subset of the source
+        assert np.bincount(ys, minlength=4).tolist() == [10] * 4  # stratified
+        assert picks.setdefault(seed, rows.tolist()) == rows.tolist()  # the same seed, the same rows
+    assert picks[0] != picks[1]
     f = run_prepare("digits", tmp_path / "f", "data.fraction=0.1")
     assert f["n_train"] == round(0.1 * 1437)
 
