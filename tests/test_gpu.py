@@ -33,6 +33,7 @@ def test_distill_stage_runs_on_cuda(tmp_path, digits_dir) -> None:
     torch.cuda.reset_peak_memory_stats()
     metrics = stages.distill(params, digits_dir, tmp_path / "teacher", tmp_path / "distill")
     assert torch.cuda.max_memory_allocated() > 0  # it trained on the GPU, not quietly on the CPU
+    assert metrics["cuda_graph_epochs"] == 3  # runtime.cuda_graphs is on by default
     # 0.67 on the CPU after these 3 epochs; chance is 0.1
     assert metrics["epochs_run"] == 3 and metrics["student_accuracy"] > 0.4
 

@@ -143,7 +143,8 @@ def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path 
     if checkpoint is not None:  # the outputs hold everything now; a rerun starts fresh
         checkpoint.clear()
     return _finish(out_dir, {"teacher_accuracy": test_acc, "teacher_weights": weight_count(spec),
-                             "epochs_run": result.epochs_run, "train_seconds": result.seconds})
+                             "epochs_run": result.epochs_run, "train_seconds": result.seconds,
+                             "cuda_graph_epochs": result.cuda_graphs})
 
 
 def _registered_teacher(params: Params, data: Any, out_dir: Path) -> dict[str, Any]:
@@ -230,7 +231,8 @@ def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path,
     return _finish(out_dir, {"student_accuracy": last["test_accuracy"], "sparsity_pct": last["sparsity_pct"],
                              "epochs_run": result.epochs_run, "stop_reason": result.stop_reason,
                              "train_seconds": result.seconds,
-                             "seconds_per_epoch": result.seconds / max(result.epochs_run, 1)})
+                             "seconds_per_epoch": result.seconds / max(result.epochs_run, 1),
+                             "cuda_graph_epochs": result.cuda_graphs})
 
 
 def prune(params: Params, data_dir: Path, student_dir: Path, out_dir: Path) -> dict[str, Any]:

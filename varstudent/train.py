@@ -321,7 +321,8 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, se
     bar.close()
     if result.stop_reason == "max_epochs":
         result.stop_reason = f"reached the epoch limit ({settings.epochs})"
-    log.info("%s stopped after %d epochs: %s", settings.desc, result.epochs_run, result.stop_reason)
+    log.info("%s stopped after %d epochs: %s%s", settings.desc, result.epochs_run, result.stop_reason,
+             f"; {result.cuda_graphs} epochs replayed their steps as CUDA graphs" if result.cuda_graphs else "")
     result.seconds = seconds_before + time.perf_counter() - started
     return result
 
