@@ -10,7 +10,8 @@ the same machine as the others.
 
     python benchmarks/reproduce.py mnist-mlp --full --out W --only             # here: data + teacher
     python benchmarks/gpu_students.py pack W --out .gpu                          # here: 15 MiB
-    # on the GPU machine (device tool, carry .gpu), rows in priority order, NAME:key=v,key=v:
+    # on the GPU machine (device tool, carry .gpu; no install there: export PYTHONPATH=$PWD first),
+    # rows in priority order, NAME:key=v,key=v:
     python benchmarks/gpu_students.py run .gpu --out $OUT --deadline 500 \\
         --row sparse_vd:distill.kd_weight=0,distill.bsr_weight=0 --row vs_bsr: ...
     # here: unpack the students into W/<row>/distill, then the table, plots and exports
@@ -24,8 +25,8 @@ as teacher.tar.gz, which `unpack` puts in W/teacher) and names and sets the rows
 
 `run` writes, as it goes, summary.md (epochs done, seconds per epoch, test accuracy, sparsity) and one
 NAME.tar.gz per finished student into --out, so a run cut short still returns what it finished. When a
-row's projected finish passes --deadline (seconds after start), the lowest-priority row still training
-is stopped, which frees the GPU for the rows before it.
+higher-priority row's projected finish passes --deadline (seconds after start), the lowest-priority row still
+training is stopped, which frees the GPU for the rows before it; a late row that is last of all runs on.
 
 Measured: before `train.fit` replayed its steps as CUDA graphs, the MLP student's step was bound by kernel
 launches on the host (~10 ms for VS + BSR on an H200, benchmarks/results/gpu-mnist-mlp-h200/), so a 200-epoch
@@ -73,14 +74,17 @@ def pack(args: argparse.Namespace) -> None:
     work, out = Path(args.work), Path(args.out)
     if args.experiment:  # a fresh reproduce.py folder: its params and prepared data, no teacher yet
         sys.path.insert(0, str(Path(__file__).parent))
-        from reproduce import effective_params, load_experiment
+        from reproduce import BENCH_SETS, effective_params, load_experiment
 
         from varstudent import stages
 
         exp = load_experiment(args.experiment)
-        params = effective_params(exp, [*(exp.full if args.full else exp.quick), *args.set], work)
-        if not (work / "prepare" / "manifest.json").is_file():
-            stages.prepare(params, work / "prepare")
+        if list(exp.datasets) != [""]:
+            sys.exit(f"{args.experiment} runs on several datasets (W/<label>/): pack each label's folder instead")
+        if (work / "teacher").exists() or (work / "prepare").exists():
+            sys.exit(f"{work} already holds a teacher or prepared data; --experiment starts a fresh folder")
+        params = effective_params(exp, [*BENCH_SETS, *(exp.full if args.full else exp.quick), *args.set], work)
+        stages.prepare(params, work / "prepare")
     out.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((work / "prepare" / "manifest.json").read_text())
     arrays = load_file(work / "prepare" / "data.safetensors")
@@ -140,9 +144,13 @@ def run(args: argparse.Namespace) -> None:
     from varstudent.data import write_prepared
 
     started = time.monotonic()
+    if bool(args.experiment) != bool(args.method):
+        sys.exit("--experiment and --method go together: the methods are looked up in the experiment")
     rows = args.row + (_experiment_rows(args.experiment, args.method) if args.method else [])
     if not rows:
         sys.exit("no rows: give --row NAME:key=v,... or --experiment NAME --method M")
+    if len(rows) > 5:  # the device returns at most 8 files: info, summary, teacher and one per row
+        sys.exit(f"{len(rows)} rows: at most 5 fit what a device call returns (8 files)")
     src, out = Path(args.packed), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="vs-gpu-"))
@@ -199,18 +207,27 @@ def run(args: argparse.Namespace) -> None:
                 projected[name] = now + per_epoch * (total - points[-1][1])
                 if projected[name] > args.deadline:
                     late.append(name)
-        training = [n for n in procs if state[n] == "training"]
-        if late and len(training) > 1:
-            victim = training[-1]
+        victim = row_to_stop([n for n in procs if state[n] == "training"], late)
+        if victim is not None:
             procs[victim].send_signal(signal.SIGTERM)
             procs[victim].wait()
-            others = [n for n in late if n != victim]
-            state[victim] = (f"stopped at {now:.0f} s so that {', '.join(others)} could finish by the deadline"
-                             if others else f"stopped at {now:.0f} s: it would have ended after the deadline")
+            others = ", ".join(n for n in late if n != victim)
+            state[victim] = f"stopped at {now:.0f} s so that {others} could finish by the deadline"
             rates = {n: [] for n in procs}  # the others speed up: measure afresh
         write_summary(out, info, work, state, projected, time.monotonic() - started)
     write_summary(out, info, work, state, projected, time.monotonic() - started)
     print((out / "summary.md").read_text(), flush=True)
+
+
+def row_to_stop(training: list[str], late: list[str]) -> str | None:
+    """The lowest-priority row still training, when a row before it would miss the deadline; else None.
+
+    A late row that is last of all runs on: it speeds up as the others end, and stopping it would lose it (it
+    was once stopped needlessly that way, benchmarks/results/gpu-mnist-lenet-h100/README.md).
+    """
+    if len(training) < 2 or not any(name != training[-1] for name in late):
+        return None
+    return training[-1]
 
 
 def write_summary(out: Path, info: dict, work: Path, state: dict[str, str], projected: dict[str, float],
@@ -255,7 +272,7 @@ def main() -> None:
     p = sub.add_parser("pack", help="the prepared data, teacher (if trained) and params of a reproduce.py folder")
     p.add_argument("work")
     p.add_argument("--out", required=True)
-    p.add_argument("--experiment", help="start WORK afresh from this experiment: params + prepared data only")
+    p.add_argument("--experiment", help="make WORK (new) from this experiment: params + prepared data only")
     p.add_argument("--full", action="store_true", help="with --experiment: the published budget")
     p.add_argument("--set", action="append", default=[], help="with --experiment: override (repeatable)")
     r = sub.add_parser("run", help="train the rows in parallel (on the GPU machine)")

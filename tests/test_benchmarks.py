@@ -59,6 +59,17 @@ def test_a_student_trained_elsewhere_is_reused_only_with_its_own_settings(tmp_pa
                         *DIGITS, "--set", "distill.epochs=3"])
 
 
+def test_a_row_is_stopped_only_to_let_a_row_before_it_finish() -> None:
+    spec = importlib.util.spec_from_file_location("gpu_students", REPO / "benchmarks" / "gpu_students.py")
+    gpu_students = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_students)
+    stop = gpu_students.row_to_stop
+    assert stop(["vs_bsr", "sparse_vd", "vs"], ["vs_bsr"]) == "vs"  # frees the card for the first row
+    assert stop(["vs_bsr", "sparse_vd"], ["sparse_vd"]) is None  # the late row is the last: it runs on
+    assert stop(["vs_bsr", "sparse_vd"], ["vs_bsr", "sparse_vd"]) == "sparse_vd"
+    assert stop(["vs_bsr"], ["vs_bsr"]) is None and stop(["a", "b"], []) is None
+
+
 def _codebook_parity():
     spec = importlib.util.spec_from_file_location("codebook_parity", REPO / "benchmarks" / "codebook_parity.py")
     module = importlib.util.module_from_spec(spec)
