@@ -56,12 +56,17 @@ EPOCH_LINE = re.compile(r"distill epoch (\d+)/(\d+) .*?seconds=([\d.e+-]+).*?tes
                         r".*?sparsity_pct=([\d.e+-]+)")
 
 
+def _reproduce():
+    """reproduce.py beside this file: the experiments, their params and the bench settings, defined once."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import reproduce
+
+    return reproduce
+
+
 def _experiment_rows(experiment: str, methods: list[str]) -> list[str]:
     """NAME:key=v,... rows for methods of benchmarks/experiments/EXPERIMENT.yaml (the table's row names)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from reproduce import load_experiment
-
-    exp = load_experiment(experiment)
+    exp = _reproduce().load_experiment(experiment)
     unknown = [m for m in methods if m not in exp.methods or exp.methods[m] == "dense"]
     if unknown:
         sys.exit(f"{experiment} has no variational method {', '.join(unknown)} (known: {', '.join(exp.methods)})")
@@ -73,17 +78,16 @@ def pack(args: argparse.Namespace) -> None:
 
     work, out = Path(args.work), Path(args.out)
     if args.experiment:  # a fresh reproduce.py folder: its params and prepared data, no teacher yet
-        sys.path.insert(0, str(Path(__file__).parent))
-        from reproduce import BENCH_SETS, effective_params, load_experiment
-
         from varstudent import stages
 
-        exp = load_experiment(args.experiment)
+        reproduce = _reproduce()
+        exp = reproduce.load_experiment(args.experiment)
         if list(exp.datasets) != [""]:
             sys.exit(f"{args.experiment} runs on several datasets (W/<label>/): pack each label's folder instead")
         if (work / "teacher").exists() or (work / "prepare").exists():
             sys.exit(f"{work} already holds a teacher or prepared data; --experiment starts a fresh folder")
-        params = effective_params(exp, [*BENCH_SETS, *(exp.full if args.full else exp.quick), *args.set], work)
+        budget = exp.full if args.full else exp.quick
+        params = reproduce.effective_params(exp, [*reproduce.BENCH_SETS, *budget, *args.set], work)
         stages.prepare(params, work / "prepare")
     out.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((work / "prepare" / "manifest.json").read_text())
