@@ -38,6 +38,21 @@ def test_distill_stage_runs_on_cuda(tmp_path, digits_dir) -> None:
     assert metrics["epochs_run"] == 3 and metrics["student_accuracy"] > 0.4
 
 
+def test_shifted_teacher_and_student_record_their_steps_as_graphs(tmp_path, digits_dir) -> None:
+    """The shift (and, for the student, the teacher's forward on the shifted batch) inside a recorded step."""
+    from varstudent import stages
+    from varstudent.config import load_params
+
+    params = load_params(None, ["data.dataset=digits", "teacher.arch=mlp-200-200", "student.arch=mlp-100-50",
+                                "teacher.epochs=3", "distill.epochs=3", "runtime.device=cuda",
+                                "tracking.enabled=false", "teacher.dropout=0.2", "teacher.shift=1",
+                                "distill.shift=1"])
+    taught = stages.teacher(params, digits_dir, tmp_path / "teacher")
+    metrics = stages.distill(params, digits_dir, tmp_path / "teacher", tmp_path / "distill")
+    assert taught["cuda_graph_epochs"] == 3 and metrics["cuda_graph_epochs"] == 3
+    assert taught["teacher_accuracy"] > 0.4 and metrics["student_accuracy"] > 0.3  # chance is 0.1
+
+
 def _data(n: int = 1050):  # 10 full batches of 100 and a ragged one of 50
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, 1, 8, 8, generator=g)

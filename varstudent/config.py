@@ -75,6 +75,14 @@ class TeacherConfig:
     source: str = _f("train", "train | models:/NAME@ALIAS | models:/NAME/VERSION (reuse a registered teacher)",
                      pattern=TEACHER_SOURCE_PATTERN, known="train, models:/NAME@ALIAS, models:/NAME/VERSION")
     nproc: int = _f(1, "processes for data-parallel training (torchrun + DDP; gloo on CPU, nccl on GPU)", lo=1)
+    # a regularized teacher is the premise of distillation (Hinton et al. 2015 trained theirs with dropout and
+    # jittered inputs): an unregularized MNIST MLP teacher ends no better than its student (docs/results.md)
+    dropout: float = _f(0.0, "dropout rate on the input of every layer but the first, while the teacher "
+                        "trains; 0 = off", lo=0.0, hi=0.95)
+    input_dropout: float = _f(0.0, "dropout rate on the input pixels while the teacher trains; 0 = off",
+                              lo=0.0, hi=0.95)
+    shift: int = _f(0, "teacher training images are shifted by up to this many pixels each way (random, "
+                    "zero fill); 0 = off", lo=0, hi=16)
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,9 @@ class DistillConfig:
     converge_tol: float = _f(1e-3, "stop once the relative change of the epoch loss stays below this",
                              lo=0.0)
     patience: int = _f(3, "... for this many consecutive epochs after the KL warm-up", lo=1)
+    shift: int = _f(0, "student training images are shifted by up to this many pixels each way (random, zero "
+                    "fill), the teacher's hint computed on the same shifted batch (a teacher forward per step "
+                    "instead of cached logits); 0 = off", lo=0, hi=16)
 
 
 @dataclass(frozen=True)

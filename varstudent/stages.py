@@ -6,6 +6,7 @@ never derived here. Each stage writes its outputs, then `metrics.json` last.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from varstudent.artifacts import load_model, read_json, save_model
+from varstudent.augment import random_shift
 from varstudent.config import Params
 from varstudent.errors import ArtifactError, ConfigError
 from varstudent.fileio import atomic_write_bytes, write_json
@@ -120,8 +122,10 @@ def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path 
     data, x, y = _data(data_dir, device)
     if cfg.source != "train":
         return _registered_teacher(params, data, out_dir)
-    spec = build_spec(cfg.arch, data.input_shape, data.num_classes, cfg.width, variational=False)
+    spec = build_spec(cfg.arch, data.input_shape, data.num_classes, cfg.width, variational=False,
+                      dropout=cfg.dropout, input_dropout=cfg.input_dropout)
     model = build_model(spec).to(device)
+    augment = _shifter("teacher.shift", cfg.shift, data.input_shape)
 
     def ce(_model, logits, targets, _index, _epoch):
         loss = torch.nn.functional.cross_entropy(logits, targets)
@@ -133,7 +137,7 @@ def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path 
                            cuda_graphs=params.runtime.cuda_graphs)
     checkpoint = _checkpointer(params, "teacher", checkpoint_dir, ("teacher",),
                                data_sha256=data.manifest["sha256"])
-    result = fit(model, x, y, ce, settings, checkpoint=checkpoint)
+    result = fit(model, x, y, ce, settings, checkpoint=checkpoint, augment=augment)
     test_acc = accuracy(model, data.x_test.to(device), data.y_test.to(device))
     save_model(model, out_dir, "teacher", meta={"dataset": data.manifest["dataset"],
                                                 "data_sha256": data.manifest["sha256"]})
@@ -145,6 +149,17 @@ def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path 
     return _finish(out_dir, {"teacher_accuracy": test_acc, "teacher_weights": weight_count(spec),
                              "epochs_run": result.epochs_run, "train_seconds": result.seconds,
                              "cuda_graph_epochs": result.cuda_graphs})
+
+
+def _shifter(key: str, shift: int, input_shape: tuple[int, int, int]):
+    """random_shift by up to `shift` pixels (the setting `key`), or None when it is 0."""
+    if not shift:
+        return None
+    _, height, width = input_shape
+    if min(height, width) <= 2 * shift:
+        raise ConfigError(f"{key} {shift} moves {height}x{width} images by up to {shift} pixels each way: too "
+                          f"far; use at most {(min(height, width) - 1) // 2}")
+    return functools.partial(random_shift, max_shift=shift)
 
 
 def _registered_teacher(params: Params, data: Any, out_dir: Path) -> dict[str, Any]:
@@ -185,18 +200,31 @@ def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path,
         raise ConfigError(f"the student ({params.student.arch}, {n_student:,} weights) must have fewer "
                           f"weights than the teacher ({teacher_net.spec['arch']}, {n_teacher:,})")
     student = build_model(spec).to(device)
-    # the teacher is frozen and the data is not augmented: its logits are computed once, not per step
-    teacher_logits = predict_logits(teacher_net, x) if cfg.kd_weight > 0 else None
+    shift = _shifter("distill.shift", cfg.shift, data.input_shape)
+    # the teacher is frozen: on unaugmented data its logits are computed once, not per step; on shifted images
+    # it sees the same shifted batch as the student, one teacher forward per step (consistent views)
+    teacher_logits = predict_logits(teacher_net, x) if cfg.kd_weight > 0 and shift is None else None
     bsr = None
     if cfg.bsr_weight > 0:
         t_weights, s_weights = paired_weights(teacher_net, student)
         bsr = BlockSparseRegularizer(t_weights, s_weights, cfg.bsr_norm, cfg.bsr_blocks).to(device)
-    del teacher_net
     weights = LossWeights(cfg.kd_weight, cfg.temperature, cfg.kd_direction, cfg.vd_weight, cfg.bsr_weight)
     n_train = x.shape[0]
+    view: dict[str, torch.Tensor] = {}  # the teacher's logits on the batch the student sees this step
+    augment = None
+    if shift is not None:
+        hinting = teacher_net.eval() if cfg.kd_weight > 0 else None
+
+        def augment(batch: torch.Tensor) -> torch.Tensor:
+            moved = shift(batch)
+            if hinting is not None:
+                with torch.no_grad():
+                    view["hint"] = hinting(moved)
+            return moved
+    del teacher_net
 
     def loss_fn(model, logits, targets, index, epoch):
-        hint = teacher_logits[index] if teacher_logits is not None else None
+        hint = teacher_logits[index] if teacher_logits is not None else view.get("hint")
         return student_loss(model, logits, targets, hint, weights, kl_warmup(epoch, cfg.kl_warmup_epochs),
                             n_train, bsr)
 
@@ -221,7 +249,7 @@ def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path,
                                data_sha256=data.manifest["sha256"], teacher_sha256=teacher_sha256,
                                teacher_logits_sha256=tensor_sha256(teacher_logits)
                                if teacher_logits is not None else "none")
-    result = fit(student, x, y, loss_fn, settings, epoch_end, checkpoint)
+    result = fit(student, x, y, loss_fn, settings, epoch_end, checkpoint, augment)
     save_model(student, out_dir, "student", meta={"teacher_sha256": teacher_sha256,
                                                   "stop_reason": result.stop_reason})
     write_json(out_dir / "history.json", result.history)

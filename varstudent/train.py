@@ -97,8 +97,10 @@ def _divergence(settings: FitSettings, loss: torch.Tensor, terms: dict[str, torc
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, settings: FitSettings,
         epoch_end: Callable[[int], dict[str, float]] | None = None,
-        checkpoint: Checkpointer | None = None) -> FitResult:
-    """Adam over shuffled mini-batches; stops at `epochs` or once the epoch loss has converged.
+        checkpoint: Checkpointer | None = None,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FitResult:
+    """Adam over shuffled mini-batches; stops at `epochs` or once the epoch loss has converged. `augment`, if
+    given, transforms every batch of inputs before the forward pass (random draws from the default generator).
 
     Converged: |L_e - L_{e-1}| / |L_{e-1}| < converge_tol for `patience` consecutive epochs, counting only
     epochs after `converge_after` (the loss moves by design while the KL weight warms up).
@@ -111,7 +113,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, set
     """
     torch.set_flush_denormal(True)  # a no-op returning False where the CPU has no flush-to-zero mode
     try:
-        return _fit(model, x, y, loss_fn, settings, epoch_end, checkpoint)
+        return _fit(model, x, y, loss_fn, settings, epoch_end, checkpoint, augment)
     finally:
         torch.set_flush_denormal(False)
 
@@ -201,7 +203,8 @@ class _GraphedStep:
 
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, settings: FitSettings,
          epoch_end: Callable[[int], dict[str, float]] | None,
-         checkpoint: Checkpointer | None) -> FitResult:
+         checkpoint: Checkpointer | None,
+         augment: Callable[[torch.Tensor], torch.Tensor] | None) -> FitResult:
     from varstudent import distributed  # under torchrun: DDP, each process takes a slice of every batch
 
     n = x.shape[0]
@@ -228,7 +231,7 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, se
             group["capturable"] = graphed
 
     def train_step(index: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = step_model(x[index])
+        logits = step_model(x[index] if augment is None else augment(x[index]))
         loss, terms = loss_fn(model, logits, y[index], index, epoch)
         if graphed and torch.cuda.is_current_stream_capturing():
             graph.watch(loss, terms)  # a replay cannot stop midway: the loop reads this at the epoch's end

@@ -43,8 +43,24 @@ def _mlp(hidden: list[int], n_in: int, n_classes: int) -> list[dict[str, Any]]:
 
 
 def build_spec(arch: str, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0,
-               variational: bool = False, threshold: float = 3.0) -> dict[str, Any]:
-    """The spec of architecture `arch` for inputs of shape (C, H, W)."""
+               variational: bool = False, threshold: float = 3.0, dropout: float = 0.0,
+               input_dropout: float = 0.0) -> dict[str, Any]:
+    """The spec of architecture `arch` for inputs of shape (C, H, W). `input_dropout` / `dropout`: dropout rates
+    on the input of the first layer / of every later layer while training (a layer's `dropout` key; absent = 0,
+    so specs without dropout read as before)."""
+    name, layers, flat_hw = _layers(arch, input_shape, num_classes, width)
+    for i, layer in enumerate(layers):
+        rate = input_dropout if i == 0 else dropout
+        if rate > 0:
+            layer["dropout"] = rate
+    return {"arch": name, "input_shape": list(input_shape), "num_classes": num_classes,
+            "variational": variational, "threshold": threshold, "flat_hw": flat_hw,
+            "input_index": None, "layers": layers}
+
+
+def _layers(arch: str, input_shape: tuple[int, int, int], num_classes: int,
+            width: float) -> tuple[str, list[dict[str, Any]], list[int]]:
+    """(the architecture's canonical name, its layers, the spatial size before the first linear layer)."""
     c, h, w = input_shape
     if arch == "lenet-300-100":
         arch = "mlp-300-100"
@@ -79,9 +95,7 @@ def build_spec(arch: str, input_shape: tuple[int, int, int], num_classes: int, w
         layers.append(_linear(sizes[-1], num_classes, relu=False))
     else:
         raise ConfigError(f"unknown architecture '{arch}' (known: mlp-H1-H2-..., lenet-300-100, lenet5, vgg-like)")
-    return {"arch": arch, "input_shape": list(input_shape), "num_classes": num_classes,
-            "variational": variational, "threshold": threshold, "flat_hw": flat_hw,
-            "input_index": None, "layers": layers}
+    return arch, layers, flat_hw
 
 
 class Block(nn.Module):
@@ -101,6 +115,7 @@ class Block(nn.Module):
         self.bn = (nn.BatchNorm2d if conv else nn.BatchNorm1d)(layer["out"]) if layer["bn"] else None
         self.relu = layer["relu"]
         self.pool = bool(layer.get("pool"))
+        self.dropout = float(layer.get("dropout", 0.0))  # on this block's input, while training
 
     def columns_ready(self) -> bool:
         """Whether forward_columns computes this block: a plain linear layer outside training, with no forward
@@ -117,6 +132,8 @@ class Block(nn.Module):
         return affine_columns(self.op.weight, self.op.bias, h, self.relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout and self.training:
+            x = nn.functional.dropout(x, self.dropout, training=True)
         x = self.op(x)
         if self.bn is not None:
             x = self.bn(x)
