@@ -4,6 +4,10 @@ family's Pareto front drawn as a step line: the picture of "who wins at equal co
     python benchmarks/front_plot.py docs/img/results/low-data-mnist5k_fronts.png \
         benchmarks/out/a/results.json benchmarks/out/b/results.json \
         --family "Sparse VD=^(sparse_vd|svd)" --family "VS=^vs" --title "MNIST-5k, 60 epochs"
+
+A folder instead of a results.json stands for every row evaluated in it (ROW/evaluate/metrics.json, at any
+depth): several `reproduce.py --reuse-teacher` runs into one folder each rewrite results.json with their own
+rows only.
 """
 
 from __future__ import annotations
@@ -20,6 +24,20 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return sorted(set(front))
 
 
+def rows_of(path: Path) -> list[dict]:
+    """The rows of a results.json, or of every ROW/evaluate/metrics.json under a folder (the same keys)."""
+    if path.is_file():
+        return json.loads(path.read_text())["rows"]
+    rows = []
+    for metrics_file in sorted(path.rglob("evaluate/metrics.json")):
+        metrics = json.loads(metrics_file.read_text())
+        rows.append({"method": metrics_file.parent.parent.name, "x vs student": metrics["compression_vs_student"],
+                     "error %": 100 * (1 - metrics["compact_accuracy"])})
+    if not rows:
+        raise SystemExit(f"front_plot: no results.json and no */evaluate/metrics.json under {path}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("png", type=Path)
@@ -31,7 +49,7 @@ def main() -> None:
     families = [(label, re.compile(pattern)) for label, _, pattern in (f.rpartition("=") for f in args.family)]
     points: dict[str, list[tuple[float, float, str]]] = {label: [] for label, _ in families}
     for path in args.results:
-        for row in json.loads(path.read_text())["rows"]:
+        for row in rows_of(path):
             label = next((lab for lab, rx in families if rx.search(row["method"])), None)
             if label and row.get("x vs student"):
                 points[label].append((row["x vs student"], 100 - row["error %"], row["method"]))

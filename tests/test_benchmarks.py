@@ -121,3 +121,19 @@ def test_epoch_speed_interleaves_rounds_and_reports_ranges(digits_dir: Path) -> 
     assert len(rows) == 5 and "2 rounds" in done.stdout
     assert rows[0].endswith("| 1.00 [1.00 - 1.00] |")  # the dense student is its own baseline in every round
     assert "BSR overhead:" in done.stdout and "[" in done.stdout.split("BSR overhead:")[1]
+
+
+def test_front_plot_reads_every_row_of_a_folder_and_keeps_the_non_dominated(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("front_plot", REPO / "benchmarks" / "front_plot.py")
+    front_plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(front_plot)
+    for row, accuracy, compression in [("svd_a", 0.9, 50.0), ("vs_b", 0.95, 20.0)]:
+        metrics = tmp_path / "mnist5k" / row / "evaluate" / "metrics.json"
+        metrics.parent.mkdir(parents=True)
+        metrics.write_text(json.dumps({"compact_accuracy": accuracy, "compression_vs_student": compression}))
+    rows = {r["method"]: r for r in front_plot.rows_of(tmp_path)}
+    assert rows.keys() == {"svd_a", "vs_b"}
+    assert rows["svd_a"]["x vs student"] == 50.0 and abs(rows["vs_b"]["error %"] - 5.0) < 1e-9
+    assert front_plot.pareto([(50, 90), (20, 95), (10, 94), (50, 89)]) == [(20, 95), (50, 90)]
+    with pytest.raises(SystemExit, match="no results.json"):
+        front_plot.rows_of(tmp_path / "mnist5k" / "svd_a" / "evaluate")
