@@ -1,5 +1,5 @@
-"""Training-time augmentation of the teacher's images (the student learns from cached teacher logits of the
-unaugmented images, so it is never augmented)."""
+"""Training-time augmentation: random shifts of the teacher's images (`teacher.shift`) and, optionally, of the
+student's (`distill.shift`, the teacher's hint then computed on the same shifted batch instead of cached)."""
 
 from __future__ import annotations
 
