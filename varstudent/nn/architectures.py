@@ -133,11 +133,21 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
-            x = nn.functional.dropout(x, self.dropout, training=True)
+            x = dropout(x, self.dropout)
         x = self.op(x)
         if self.bn is not None:
             x = self.bn(x)
         return relu_pool(x, self.relu, self.pool, fast=not self.training and not torch.is_grad_enabled())
+
+
+def dropout(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """Inverted dropout (each value kept with probability 1 - rate, scaled by 1 / (1 - rate)). On the CPU the
+    mask comes from torch.rand: F.dropout's bernoulli_ took 1.7 ms for a (100, 1200) batch on 2 threads against
+    0.6 ms this way, ~4 ms of every step of the MNIST teacher's three dropout layers."""
+    if x.device.type != "cpu":
+        return nn.functional.dropout(x, rate, training=True)
+    keep = torch.rand_like(x) >= rate
+    return x * keep * (1.0 / (1.0 - rate))
 
 
 def affine_columns(weight: torch.Tensor, bias: torch.Tensor, h: torch.Tensor, relu: bool) -> torch.Tensor:
