@@ -70,12 +70,12 @@ def main() -> None:
     class Stop(Exception):
         pass
 
-    def stopping_fit(model, x, y, loss_fn, settings, epoch_end=None, checkpoint=None):
+    def stopping_fit(model, x, y, loss_fn, settings, epoch_end=None, checkpoint=None, augment=None):
         def end(epoch):
             if settings.desc == "distill" and epoch == 2:  # dies during epoch 3, after the checkpoint of 2
                 raise Stop
             return epoch_end(epoch) if epoch_end else {}
-        return original_fit(model, x, y, loss_fn, settings, end, checkpoint)
+        return original_fit(model, x, y, loss_fn, settings, end, checkpoint, augment)
 
     stages.fit = stopping_fit
     try:

@@ -124,9 +124,10 @@ def run_dataset(exp: Experiment, label: str, sets: list[str], out: Path, reuse: 
     print(f"[{label or exp.name}] teacher: {teacher['error %']:.2f}% error", flush=True)
     for method, overrides in exp.methods.items():
         run_dir = out / method
-        if overrides == "dense":  # the student network trained like the teacher: the 1x reference
+        if overrides == "dense":  # the student network trained with plain CE, the teacher's budget: the 1x reference
             dense = dataclasses.replace(base, teacher=dataclasses.replace(
-                base.teacher, arch=base.student.arch, width=base.student.width))
+                base.teacher, arch=base.student.arch, width=base.student.width, dropout=0.0, input_dropout=0.0,
+                shift=0))
             if not (reuse and (run_dir / "metrics.json").is_file()):
                 stages.teacher(dense, data_dir, run_dir)
             row = _teacher_row(run_dir, method)

@@ -102,6 +102,19 @@ def test_diverging_trial_fails_with_its_reason_the_study_goes_on_and_mlflow_nest
     assert by_number[1].data.params["lr"] == str(trials[1].params["lr"])
 
 
+def test_a_study_asking_for_another_teacher_is_refused_the_one_kept_under_out(tmp_path: Path,
+                                                                              digits_dir: Path) -> None:
+    out = prepared_out(tmp_path, digits_dir)
+    first = load_params(None, tiny(tmp_path, "tracking.enabled=false"))
+    teacher_dir = tune.prepare_study_inputs(first, out, None)
+    made = (teacher_dir / "teacher.safetensors").stat().st_mtime_ns
+    assert tune.prepare_study_inputs(first, out, None) == teacher_dir  # the same settings: reused
+    assert (teacher_dir / "teacher.safetensors").stat().st_mtime_ns == made
+    regularized = load_params(None, tiny(tmp_path, "tracking.enabled=false", "teacher.dropout=0.5"))
+    with pytest.raises(ConfigError, match=r"trained with other settings \(teacher.dropout\); use another --out"):
+        tune.prepare_study_inputs(regularized, out, None)
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # study.ask() below, on purpose
 def test_a_resumed_study_continues_to_its_total_budget(tmp_path: Path, digits_dir: Path) -> None:
     out = prepared_out(tmp_path, digits_dir)

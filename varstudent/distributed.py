@@ -5,7 +5,9 @@
 process runs the same `stages.teacher`, and `train.fit` (through the helpers below) wraps the model in DDP and
 gives each process a contiguous slice of every mini-batch. DDP averages the slices' gradients, which equals
 the whole batch's gradient when the slices are equally large, so N processes follow the single-process run
-up to floating-point summation order (and the last, uneven batch of an epoch). Rank 0 writes the outputs.
+up to floating-point summation order (and the last, uneven batch of an epoch) — without `teacher.dropout` /
+`teacher.shift`: with them each process draws its own masks and shifts (seeded by rank), a different random
+draw from the single process's. Rank 0 writes the outputs.
 """
 
 from __future__ import annotations

@@ -125,6 +125,9 @@ def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path 
     spec = build_spec(cfg.arch, data.input_shape, data.num_classes, cfg.width, variational=False,
                       dropout=cfg.dropout, input_dropout=cfg.input_dropout)
     model = build_model(spec).to(device)
+    rank, _ = distributed.world()
+    if rank:  # each process its own dropout masks and shifts (DDP copies rank 0's initial weights anyway)
+        torch.manual_seed(params.seed + rank)
     augment = _shifter("teacher.shift", cfg.shift, data.input_shape)
 
     def ce(_model, logits, targets, _index, _epoch):

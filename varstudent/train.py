@@ -2,7 +2,7 @@
 
 Data lives in memory as tensors on the training device, and batches are taken by index: for MNIST-sized
 data this is several times faster than a DataLoader, and the index is what picks the cached teacher
-logits of each batch.
+logits of each batch (an `augment`, e.g. distill.shift, transforms the batch after it is taken).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ by at most (workers - 1) trials.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -112,9 +113,21 @@ def prepare_study_inputs(params: Params, out: Path, teacher_dir: Path | None,
         if not (teacher_dir / "teacher.json").is_file():
             raise ConfigError(f"--teacher {teacher_dir}: no teacher.json there")
         return teacher_dir
-    if not (dirs["teacher"] / "teacher.json").is_file():  # kept for every later study under OUT
+    # kept for every later study under OUT, with the settings it was trained with: a study asking for another
+    # teacher (e.g. other teacher.epochs or regularizers) must not silently get this one
+    wanted = {"seed": params.seed, "teacher": dataclasses.asdict(params.teacher)}
+    settings_file = dirs["teacher"] / "settings.json"
+    if not (dirs["teacher"] / "teacher.json").is_file():
         log.info("training the study's teacher once on the tuning split")
         stages.teacher(params, dirs["data"], dirs["teacher"])
+        write_json(settings_file, wanted)
+    elif settings_file.is_file():
+        kept = json.loads(settings_file.read_text())
+        if kept != json.loads(json.dumps(wanted)):
+            differ = sorted(k for k in wanted["teacher"] if kept.get("teacher", {}).get(k) != wanted["teacher"][k])
+            raise ConfigError(f"the study teacher in {dirs['teacher']} was trained with other settings "
+                              f"({', '.join(f'teacher.{k}' for k in differ) or 'seed'}); use another --out, "
+                              f"or delete that folder to train a new one")
     return dirs["teacher"]
 
 
