@@ -19,7 +19,6 @@ by at most (workers - 1) trials.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -122,8 +121,10 @@ def prepare_study_inputs(params: Params, out: Path, teacher_dir: Path | None,
         stages.teacher(params, dirs["data"], dirs["teacher"])
         write_json(settings_file, wanted)
     elif settings_file.is_file():
-        kept = json.loads(settings_file.read_text())
-        if kept != json.loads(json.dumps(wanted)):
+        from varstudent.artifacts import read_json
+
+        kept = read_json(settings_file, "study teacher settings")
+        if kept != wanted:  # the teacher section holds only JSON scalars: a direct comparison
             differ = sorted(k for k in wanted["teacher"] if kept.get("teacher", {}).get(k) != wanted["teacher"][k])
             raise ConfigError(f"the study teacher in {dirs['teacher']} was trained with other settings "
                               f"({', '.join(f'teacher.{k}' for k in differ) or 'seed'}); use another --out, "
