@@ -8,6 +8,12 @@ family's Pareto front drawn as a step line: the picture of "who wins at equal co
 A folder instead of a results.json stands for every row evaluated in it (ROW/evaluate/metrics.json, at any
 depth): several `reproduce.py --reuse-teacher` runs into one folder each rewrite results.json with their own
 rows only.
+
+`--versus LABEL` prints, for every row of the other families, its accuracy minus LABEL's front at the same
+compression: the front's accuracy interpolated linearly in log compression between the two front points around
+it (the front is a step function only between the points measured; a straight line between them is the fair
+middle between comparing against the less and the more compressed neighbour). Rows outside the front's
+compression range get no number: that would be an extrapolation.
 """
 
 from __future__ import annotations
@@ -22,6 +28,19 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The (compression, accuracy) points no other point beats on both, by increasing compression."""
     front = [p for p in points if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in points)]
     return sorted(set(front))
+
+
+def front_accuracy_at(front: list[tuple[float, float]], compression: float) -> float | None:
+    """The front's accuracy at `compression`, linear in log compression between its two neighbouring points;
+    None outside the front's range."""
+    import math
+
+    for (x0, y0), (x1, y1) in zip(front, front[1:]):
+        if x0 <= compression <= x1:
+            return y0 + (y1 - y0) * (math.log(compression) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    if front and compression == front[0][0]:  # a front of one point
+        return front[0][1]
+    return None
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -45,6 +64,8 @@ def main() -> None:
     parser.add_argument("--family", action="append", required=True,
                         help="LABEL=REGEX on the method name (split at the last =)")
     parser.add_argument("--title", default="")
+    parser.add_argument("--versus", metavar="LABEL",
+                        help="print every other row's accuracy gain over this family's front at equal compression")
     args = parser.parse_args()
     families = [(label, re.compile(pattern)) for label, _, pattern in (f.rpartition("=") for f in args.family)]
     points: dict[str, list[tuple[float, float, str]]] = {label: [] for label, _ in families}
@@ -53,6 +74,16 @@ def main() -> None:
             label = next((lab for lab, rx in families if rx.search(row["method"])), None)
             if label and row.get("x vs student"):
                 points[label].append((row["x vs student"], 100 - row["error %"], row["method"]))
+
+    if args.versus:
+        if args.versus not in points:
+            raise SystemExit(f"front_plot: --versus {args.versus!r} is not one of the families {list(points)}")
+        reference = pareto([(x, y) for x, y, _ in points[args.versus]])
+        for label, rows in points.items():
+            for x, y, name in sorted(rows) if label != args.versus else []:
+                at = front_accuracy_at(reference, x)
+                gain = "outside its range" if at is None else f"{y - at:+.2f} points (front {at:.2f} %)"
+                print(f"{name}: {y:.2f} % at {x:.1f}x; vs the {args.versus} front at {x:.1f}x: {gain}")
 
     import matplotlib
 

@@ -137,3 +137,15 @@ def test_front_plot_reads_every_row_of_a_folder_and_keeps_the_non_dominated(tmp_
     assert front_plot.pareto([(50, 90), (20, 95), (10, 94), (50, 89)]) == [(20, 95), (50, 90)]
     with pytest.raises(SystemExit, match="no results.json"):
         front_plot.rows_of(tmp_path / "mnist5k" / "svd_a" / "evaluate")
+
+
+def test_front_plot_compares_at_equal_compression_by_log_interpolation_and_never_extrapolates() -> None:
+    spec = importlib.util.spec_from_file_location("front_plot", REPO / "benchmarks" / "front_plot.py")
+    front_plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(front_plot)
+    front = [(10.0, 96.0), (100.0, 90.0)]
+    assert front_plot.front_accuracy_at(front, 10.0) == 96.0
+    # 31.6x is half-way in log compression: half-way in accuracy, not the 1/10 a linear axis would give
+    assert abs(front_plot.front_accuracy_at(front, 10 ** 1.5) - 93.0) < 1e-9
+    assert front_plot.front_accuracy_at(front, 9.9) is None and front_plot.front_accuracy_at(front, 101) is None
+    assert front_plot.front_accuracy_at([(50.0, 91.0)], 50.0) == 91.0
