@@ -104,13 +104,15 @@ def test_graphed_steps_train_as_the_eager_ones() -> None:
 def test_block_max_abs_backward_on_cuda_matches_autograd() -> None:
     from varstudent.losses import _BlockMaxAbs
 
-    flat = torch.randn(40, 30, device="cuda")
-    flat[3] = -flat[3].abs()  # a row whose largest |w| is negative
-    ours, reference = flat.clone().requires_grad_(), flat.clone().requires_grad_()
-    weight = torch.randn(40, device="cuda")
-    (_BlockMaxAbs.apply(ours) * weight).sum().backward()
-    (reference.abs().amax(1) * weight).sum().backward()
-    assert torch.equal(ours.grad, reference.grad)
+    for shape, dim in [((40, 30), 0), ((6, 5, 3, 3), 1)]:
+        weight = torch.randn(shape, device="cuda")
+        weight.select(dim, 3).copy_(-weight.select(dim, 3).abs())  # a block whose largest |w| is negative
+        ours, reference = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+        scale = torch.randn(shape[dim], device="cuda")
+        others = [d for d in range(len(shape)) if d != dim]
+        (_BlockMaxAbs.apply(ours, dim) * scale).sum().backward()
+        (reference.abs().amax(others) * scale).sum().backward()
+        assert torch.equal(ours.grad, reference.grad)
 
 
 @pytest.fixture(params=[False, True], ids=["fast-kernels", "deterministic"])

@@ -65,17 +65,33 @@ def test_bsr_equals_a_hand_computation(norm: str, blocks: str, dim: int) -> None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_block_max_abs_matches_autograd(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("shape", "dim"), [((40, 30), 0), ((40, 30), 1), ((6, 5, 3, 3), 0), ((6, 5, 3, 3), 1)])
+def test_block_max_abs_matches_autograd(dtype: torch.dtype, shape: tuple[int, ...], dim: int) -> None:
     from varstudent.losses import _BlockMaxAbs
 
-    flat = torch.randn(40, 30, dtype=torch.float64).to(dtype)  # the NumPy path (float32/64) and torch's (bf16)
-    flat[3] = -flat[3].abs()  # a row whose largest |w| is negative
-    ours, reference = flat.clone().requires_grad_(), flat.clone().requires_grad_()
-    weight = torch.randn(40, dtype=torch.float64).to(dtype)
-    (_BlockMaxAbs.apply(ours) * weight).sum().backward()
-    (reference.abs().amax(1) * weight).sum().backward()
-    assert torch.equal(_BlockMaxAbs.apply(flat), flat.abs().amax(1))
-    assert torch.equal(ours.grad, reference.grad)  # one entry per row: sign(w) times the row's weight
+    weight = torch.randn(shape, dtype=torch.float64).to(dtype)  # the NumPy path (float32/64) and torch's (bf16)
+    weight.select(dim, 3).copy_(-weight.select(dim, 3).abs())  # a block whose largest |w| is negative
+    ours, reference = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    scale = torch.randn(shape[dim], dtype=torch.float64).to(dtype)
+    others = [d for d in range(len(shape)) if d != dim]
+    (_BlockMaxAbs.apply(ours, dim) * scale).sum().backward()
+    (reference.abs().amax(others) * scale).sum().backward()
+    assert torch.equal(_BlockMaxAbs.apply(weight, dim), weight.abs().amax(others))
+    # one entry per block: sign(w) times the block's scale, at the block's arg-max (sparse on the CPU)
+    assert torch.equal(ours.grad.to_dense(), reference.grad)
+
+
+def test_block_max_abs_gradient_adds_into_the_layers_dense_gradient() -> None:
+    from varstudent.losses import _BlockMaxAbs
+
+    weight = torch.randn(7, 9, requires_grad=True)
+    data_gradient = torch.randn(7, 9)
+    ((weight * data_gradient).sum() + _BlockMaxAbs.apply(weight, 0).sum()).backward()
+    assert weight.grad.layout == torch.strided  # what fused Adam needs
+    expected = data_gradient.clone()
+    at = weight.detach().abs().argmax(1)
+    expected[torch.arange(7), at] += weight.detach()[torch.arange(7), at].sign()
+    assert torch.allclose(weight.grad, expected)
 
 
 def test_bsr_sends_no_gradient_to_the_teacher() -> None:

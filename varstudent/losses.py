@@ -11,6 +11,7 @@ Hinton et al. 2015 for the T^2 factor (it keeps the hint's gradient scale indepe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,19 +42,28 @@ def kl_warmup(epoch: int, warmup_epochs: int) -> float:
     return 1.0 if warmup_epochs == 0 else min(1.0, epoch / warmup_epochs)
 
 
+def _blocks_first(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """(blocks, rest): block m is index m of `dim` (0: output units/filters, 1: input units/channels)."""
+    return w.transpose(0, dim).reshape(w.shape[dim], -1)
+
+
 class _BlockMaxAbs(torch.autograd.Function):
-    """max |w| per row; its gradient goes to the one arg-max entry of each row.
+    """max |w| per block (index of `dim`); its gradient goes to the one arg-max entry of each block.
 
     autograd's amax backward builds full-size equality masks and the forward an abs() copy of the weights;
-    here the forward is two reductions (max and min, with their indices) and the backward one scatter (a one-hot
-    select on a GPU). On the CPU the indices come from NumPy's argmax / argmin, which are vectorized where
-    torch's max(1) / min(1) with indices are not: 0.08 ms against 0.74 ms for the 500x784 first layer (2 threads).
+    here the forward is two reductions (max and min, with their indices) and the backward one entry per block.
+    On the CPU the indices come from NumPy's argmax / argmin, which are vectorized where torch's max(1) /
+    min(1) with indices are not (0.08 ms against 0.74 ms for the 500x784 first layer, 2 threads), and the
+    gradient is a sparse tensor of those entries: autograd adds it into the dense gradient the layer's own
+    forward gives the same weight, where a dense one was allocated, zero-filled and added in full every step.
+    On a GPU it is a one-hot select (see backward).
     """
 
     @staticmethod
-    def forward(ctx, flat: torch.Tensor) -> torch.Tensor:  # flat: (blocks, rest) -> (blocks,)
+    def forward(ctx, w: torch.Tensor, dim: int) -> torch.Tensor:  # -> (w.shape[dim],)
+        flat = _blocks_first(w.detach(), dim)
         if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-            values = flat.detach().numpy()
+            values = flat.numpy()
             high_at, low_at = torch.from_numpy(values.argmax(1)), torch.from_numpy(values.argmin(1))
             high, low = flat.gather(1, high_at[:, None])[:, 0], flat.gather(1, low_at[:, None])[:, 0]
         else:
@@ -61,21 +71,25 @@ class _BlockMaxAbs(torch.autograd.Function):
             low, low_at = flat.min(1)
         negative_wins = -low > high
         ctx.save_for_backward(torch.where(negative_wins, low_at, high_at), negative_wins)
-        ctx.shape = flat.shape
+        ctx.shape, ctx.dim = w.shape, dim
         return torch.where(negative_wins, -low, high)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         at, negative_wins = ctx.saved_tensors
         signed = torch.where(negative_wins, -grad, grad)
+        shape, dim = ctx.shape, ctx.dim
+        blocks_first = (shape[dim], *shape[:dim], *shape[dim + 1:])  # _blocks_first's layout before the reshape
         if grad.device.type != "cpu":
             # a one-hot select, not a scatter: CUDA's deterministic index_put sorts its indices (2.2 ms of a
             # 10 ms MLP step, README "Speed"); this is two elementwise kernels, deterministic by construction
-            columns = torch.arange(ctx.shape[1], device=grad.device)
-            return torch.where(columns == at[:, None], signed[:, None], 0)  # where, not *: 0 * inf is nan
-        out = grad.new_zeros(ctx.shape)
-        out[torch.arange(ctx.shape[0]), at] = signed
-        return out
+            columns = torch.arange(math.prod(blocks_first[1:]), device=grad.device)
+            one_hot = torch.where(columns == at[:, None], signed[:, None], 0)  # where, not *: 0 * inf is nan
+            return one_hot.reshape(blocks_first).transpose(0, dim), None
+        rest = torch.unravel_index(at, blocks_first[1:])  # the arg-max's coordinates within its block
+        coords = [*rest[:dim], torch.arange(shape[dim]), *rest[dim:]]  # the block index back at `dim`
+        return torch.sparse_coo_tensor(torch.stack(coords), signed, shape, is_coalesced=dim == 0,
+                                       check_invariants=False), None
 
 
 class BlockSparseRegularizer(nn.Module):
@@ -108,9 +122,9 @@ class BlockSparseRegularizer(nn.Module):
 
     def _block_stat(self, w: torch.Tensor) -> torch.Tensor:
         """Per-block max |w| (linf) or sum of w^2 (l2): (blocks,)."""
-        flat = w.transpose(0, self.dim).reshape(w.shape[self.dim], -1)  # (blocks, rest)
         if self.norm == "linf":
-            return _BlockMaxAbs.apply(flat)
+            return _BlockMaxAbs.apply(w, self.dim)
+        flat = _blocks_first(w, self.dim)
         return (flat * flat).sum(1)
 
     def forward(self) -> torch.Tensor:
