@@ -11,9 +11,9 @@ rows only.
 
 `--versus LABEL` prints, for every row of the other families, its accuracy minus LABEL's front at the same
 compression: the front's accuracy interpolated linearly in log compression between the two front points around
-it (the front is a step function only between the points measured; a straight line between them is the fair
-middle between comparing against the less and the more compressed neighbour). Rows outside the front's
-compression range get no number: that would be an extrapolation.
+it. The plot's steps compare against the less compressed neighbour, which flatters the front; comparing against
+the more compressed one flatters the row; the straight line is the middle. Rows outside the front's compression
+range get no number: that would be an extrapolation.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,7 +146,32 @@ def test_front_plot_compares_at_equal_compression_by_log_interpolation_and_never
     spec.loader.exec_module(front_plot)
     front = [(10.0, 96.0), (100.0, 90.0)]
     assert front_plot.front_accuracy_at(front, 10.0) == 96.0
-    # 31.6x is half-way in log compression: half-way in accuracy, not the 1/10 a linear axis would give
+    # 31.6x is half-way in log compression: half-way in accuracy, not the ~24 % of the way a linear axis gives
     assert abs(front_plot.front_accuracy_at(front, 10 ** 1.5) - 93.0) < 1e-9
     assert front_plot.front_accuracy_at(front, 9.9) is None and front_plot.front_accuracy_at(front, 101) is None
     assert front_plot.front_accuracy_at([(50.0, 91.0)], 50.0) == 91.0
+
+
+def test_bsr_cost_times_the_term_in_interleaved_rounds() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bsr_cost.py"), "--teacher", "mlp-32-16",
+                           "--student", "mlp-16-8", "--rounds", "2", "--steps", "3"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"without BSR ([\d.]+) ms, with ([\d.]+) ms; the BSR adds (-?[\d.]+) ms \(rounds", done.stdout)
+    assert found and float(found[1]) > 0 and float(found[2]) > 0, done.stdout
+
+
+def test_front_plot_versus_prints_each_rows_margin_at_equal_compression(tmp_path: Path) -> None:
+    for row, accuracy, compression in [("svd_a", 0.90, 10.0), ("svd_b", 0.80, 100.0), ("vs_c", 0.90, 10 ** 1.5),
+                                       ("vs_d", 0.99, 500.0)]:
+        metrics = tmp_path / row / "evaluate" / "metrics.json"
+        metrics.parent.mkdir(parents=True)
+        metrics.write_text(json.dumps({"compact_accuracy": accuracy, "compression_vs_student": compression}))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "front_plot.py"), str(tmp_path / "f.png"),
+                           str(tmp_path), "--family", "SVD=^svd", "--family", "VS=^vs", "--versus", "SVD"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "vs_c: 90.00 % at 31.6x; vs the SVD front at 31.6x: +5.00 points (front 85.00 %)" in done.stdout
+    assert "vs_d: 99.00 % at 500.0x; vs the SVD front at 500.0x: outside its range" in done.stdout
+    assert (tmp_path / "f.png").is_file()

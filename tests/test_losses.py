@@ -69,7 +69,12 @@ def test_bsr_equals_a_hand_computation(norm: str, blocks: str, dim: int) -> None
 def test_block_max_abs_matches_autograd(dtype: torch.dtype, shape: tuple[int, ...], dim: int) -> None:
     from varstudent.losses import _BlockMaxAbs
 
-    weight = torch.randn(shape, dtype=torch.float64).to(dtype)  # the NumPy path (float32/64) and torch's (bf16)
+    weight = torch.randn(shape, dtype=torch.float64)
+    blocks = weight.transpose(0, dim)  # a view: block m is blocks[m]
+    for m in range(shape[dim]):  # one clear maximum per block: bf16 rounding must not make a tie
+        at = torch.unravel_index(torch.randint(blocks[m].numel(), ()), blocks[m].shape)
+        blocks[m][at] += 10.0
+    weight = weight.to(dtype)  # the NumPy path (float32/64) and torch's (bf16)
     weight.select(dim, 3).copy_(-weight.select(dim, 3).abs())  # a block whose largest |w| is negative
     ours, reference = weight.clone().requires_grad_(), weight.clone().requires_grad_()
     scale = torch.randn(shape[dim], dtype=torch.float64).to(dtype)
@@ -79,6 +84,10 @@ def test_block_max_abs_matches_autograd(dtype: torch.dtype, shape: tuple[int, ..
     assert torch.equal(_BlockMaxAbs.apply(weight, dim), weight.abs().amax(others))
     # one entry per block: sign(w) times the block's scale, at the block's arg-max (sparse on the CPU)
     assert torch.equal(ours.grad.to_dense(), reference.grad)
+    if dtype in (torch.float32, torch.float64):  # the NumPy path: no full-size tensor built per step
+        assert ours.grad.layout == torch.sparse_coo
+    with pytest.raises(ValueError, match="dim 0 or 1"):
+        _BlockMaxAbs.apply(weight, 2)
 
 
 def test_block_max_abs_gradient_adds_into_the_layers_dense_gradient() -> None:

@@ -56,15 +56,19 @@ class _BlockMaxAbs(torch.autograd.Function):
     min(1) with indices are not (0.08 ms against 0.74 ms for the 500x784 first layer, 2 threads), and the
     gradient is a sparse tensor of those entries: autograd adds it into the dense gradient the layer's own
     forward gives the same weight, where a dense one was allocated, zero-filled and added in full every step.
+    (A backward through this term alone leaves a sparse .grad, which fused Adam refuses; in training the
+    weight's own layer also contributes a dense one, and autograd sums the two before .grad.)
     On a GPU it is a one-hot select (see backward).
     """
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, dim: int) -> torch.Tensor:  # -> (w.shape[dim],)
+        if dim not in (0, 1):  # backward rebuilds _blocks_first's layout, which is only this for dims 0 and 1
+            raise ValueError(f"_BlockMaxAbs: blocks along dim 0 or 1, not {dim}")
         flat = _blocks_first(w.detach(), dim)
         if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
             values = flat.numpy()
-            high_at, low_at = torch.from_numpy(values.argmax(1)), torch.from_numpy(values.argmin(1))
+            high_at, low_at = torch.from_numpy(values.argmax(1)).long(), torch.from_numpy(values.argmin(1)).long()
             high, low = flat.gather(1, high_at[:, None])[:, 0], flat.gather(1, low_at[:, None])[:, 0]
         else:
             high, high_at = flat.max(1)
