@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 
@@ -33,8 +34,6 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def front_accuracy_at(front: list[tuple[float, float]], compression: float) -> float | None:
     """The front's accuracy at `compression`, linear in log compression between its two neighbouring points;
     None outside the front's range."""
-    import math
-
     for (x0, y0), (x1, y1) in zip(front, front[1:]):
         if x0 <= compression <= x1:
             return y0 + (y1 - y0) * (math.log(compression) - math.log(x0)) / (math.log(x1) - math.log(x0))

@@ -17,12 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 DIGITS = ["--set", "data.dataset=digits", "--set", "teacher.epochs=1", "--set", "evaluate.latency_repeats=2"]
 
 
-def _reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
+def _benchmark(name: str):
+    """benchmarks/NAME.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module  # its dataclasses look their module up while being defined
+    sys.modules[name] = module  # reproduce's dataclasses look their module up while being defined
     spec.loader.exec_module(module)
     return module
+
+
+def _reproduce():
+    return _benchmark("reproduce")
 
 
 def _gpu_students(*args: str) -> subprocess.CompletedProcess[str]:
@@ -61,9 +66,7 @@ def test_a_student_trained_elsewhere_is_reused_only_with_its_own_settings(tmp_pa
 
 
 def test_a_row_is_stopped_only_to_let_a_row_before_it_finish() -> None:
-    spec = importlib.util.spec_from_file_location("gpu_students", REPO / "benchmarks" / "gpu_students.py")
-    gpu_students = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_students)
+    gpu_students = _benchmark("gpu_students")
     stop = gpu_students.row_to_stop
     assert stop(["vs_bsr", "sparse_vd", "vs"], ["vs_bsr"]) == "vs"  # frees the card for the first row
     assert stop(["vs_bsr", "sparse_vd"], ["sparse_vd"]) is None  # the late row is the last: it runs on
@@ -72,10 +75,7 @@ def test_a_row_is_stopped_only_to_let_a_row_before_it_finish() -> None:
 
 
 def _codebook_parity():
-    spec = importlib.util.spec_from_file_location("codebook_parity", REPO / "benchmarks" / "codebook_parity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark("codebook_parity")
 
 
 def test_codebook_quantization_shares_values_and_keeps_zeros(tmp_path: Path) -> None:
@@ -125,9 +125,7 @@ def test_epoch_speed_interleaves_rounds_and_reports_ranges(digits_dir: Path) -> 
 
 
 def test_front_plot_reads_every_row_of_a_folder_and_keeps_the_non_dominated(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("front_plot", REPO / "benchmarks" / "front_plot.py")
-    front_plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(front_plot)
+    front_plot = _benchmark("front_plot")
     for row, accuracy, compression in [("svd_a", 0.9, 50.0), ("vs_b", 0.95, 20.0)]:
         metrics = tmp_path / "mnist5k" / row / "evaluate" / "metrics.json"
         metrics.parent.mkdir(parents=True)
@@ -141,9 +139,7 @@ def test_front_plot_reads_every_row_of_a_folder_and_keeps_the_non_dominated(tmp_
 
 
 def test_front_plot_compares_at_equal_compression_by_log_interpolation_and_never_extrapolates() -> None:
-    spec = importlib.util.spec_from_file_location("front_plot", REPO / "benchmarks" / "front_plot.py")
-    front_plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(front_plot)
+    front_plot = _benchmark("front_plot")
     front = [(10.0, 96.0), (100.0, 90.0)]
     assert front_plot.front_accuracy_at(front, 10.0) == 96.0
     # 31.6x is half-way in log compression: half-way in accuracy, not the ~24 % of the way a linear axis gives
