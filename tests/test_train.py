@@ -87,6 +87,26 @@ def test_subnormals_flush_to_zero_while_training_and_only_then() -> None:
     assert _subnormal() > 0  # and the process's float semantics are back as they were
 
 
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc malloc options")
+def test_training_reuses_freed_memory_instead_of_faulting_in_new_pages() -> None:
+    import resource
+
+    x, y = _toy()
+    fit(build_model(build_spec("mlp-8", (1, 2, 2), 2)), x, y, _ce,
+        FitSettings(epochs=1, batch_size=50, lr=0.01, progress=False))
+
+    def faults_per_allocation() -> float:
+        # 40 MB: above glibc's largest automatic mmap threshold (32 MB), so by default every allocation of
+        # this size is a fresh mapping, faulted in page by page when written (~10,000 faults each)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            torch.empty(10_000_000).fill_(1.0)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+
+    faults_per_allocation()  # the first allocation may grow the heap
+    assert faults_per_allocation() < 500
+
+
 def test_lr_decays_linearly_to_zero_after_the_start() -> None:
     s = FitSettings(epochs=10, batch_size=1, lr=1.0, lr_decay_start=0.5)
     assert [lr_factor(e, s) for e in (0, 4, 5, 6, 9)] == [1.0, 1.0, 1.0, 0.8, 0.2]

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from varstudent.nn.variational import Conv2dSVD, LinearSVD, kl_approx, total_kl
+from varstudent.nn.variational import Conv2dSVD, LinearSVD, VariationalLayer, kl_approx, total_kl, weighted_kl
 
 
 def test_kl_decreases_in_log_alpha_and_vanishes() -> None:
@@ -19,8 +19,10 @@ def test_kl_decreases_in_log_alpha_and_vanishes() -> None:
     assert kl_approx(torch.tensor(40.0)).abs() < 1e-4  # -> 0 as log alpha -> inf
 
 
+@pytest.mark.parametrize("shape", [(20, 300), (400, 500)])  # one chunk of the kernel; several, on threads
 @pytest.mark.parametrize("path", ["c_kernel", "pytorch"])
-def test_fused_kl_matches_autograd_value_and_gradient(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_kl_matches_autograd_value_and_gradient(path: str, shape: tuple[int, int],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from varstudent.nn import variational
     from varstudent.nn.kernels import vdkl_kernel
 
@@ -30,9 +32,10 @@ def test_fused_kl_matches_autograd_value_and_gradient(path: str, monkeypatch: py
         assert vdkl_kernel() is not None  # with a compiler present the kernel must build and be used
     else:
         pytest.skip("no C compiler: the kernel path cannot be built here")
-    layer = LinearSVD(300, 20)
+    torch.manual_seed(0)
+    layer = LinearSVD(shape[1], shape[0])
     with torch.no_grad():
-        layer.log_sigma2.copy_(torch.randn(20, 300) * 6)  # spans both clip bounds of log alpha
+        layer.log_sigma2.copy_(torch.randn(shape) * 6)  # spans both clip bounds of log alpha
     expected = kl_approx(layer.log_alpha).sum()
     grad_w, grad_s = torch.autograd.grad(expected, [layer.weight, layer.log_sigma2])
     got = layer.kl()
@@ -41,6 +44,72 @@ def test_fused_kl_matches_autograd_value_and_gradient(path: str, monkeypatch: py
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(got_s, grad_s, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got_w, grad_w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["c_kernel", "pytorch"])
+def test_weighted_kl_is_the_scaled_kl_with_the_scaled_gradient(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from varstudent.nn import variational
+
+    if path == "pytorch":
+        monkeypatch.setattr(variational, "vdkl_kernel", lambda: None)
+    net = torch.nn.Sequential(LinearSVD(300, 400), torch.nn.ReLU(), LinearSVD(400, 3))  # 120k: several chunks
+    params = [p for p in net.parameters() if p.dim() == 2]
+    reference = total_kl(net)
+    ref_grads = torch.autograd.grad(reference, params)
+    for scale, upstream in [(0.25, 1.0), (0.25, 3.0)]:  # 1.0: the kernel's gradients as they are; 3.0: scaled
+        weighted, plain = weighted_kl(net, scale)
+        torch.testing.assert_close(plain, reference.detach())
+        assert not plain.requires_grad  # the report copy carries no gradient
+        torch.testing.assert_close(weighted, scale * reference.detach())
+        grads = torch.autograd.grad(upstream * weighted, params)
+        for got, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(got, upstream * scale * ref)
+    weighted, plain = weighted_kl(net, 0.0)  # weighted 0 (first warm-up epoch): the value, and no gradient
+    torch.testing.assert_close(plain, reference.detach())
+    assert weighted.item() == 0.0 and weighted.grad_fn is not None
+    assert all(g is None for g in torch.autograd.grad(weighted, params, allow_unused=True))
+
+
+def test_kernel_kl_does_not_depend_on_the_thread_count() -> None:
+    from varstudent.nn.kernels import vdkl_kernel
+
+    if vdkl_kernel() is None:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
+    layer = LinearSVD(500, 400)  # 200,000 weights: 4 chunks, split across threads where OpenMP is built in
+    with torch.no_grad():
+        layer.log_sigma2.copy_(torch.randn(400, 500) * 6)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            kl = layer.kl()
+            results.append((kl.detach(), *torch.autograd.grad(kl, [layer.weight, layer.log_sigma2])))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))  # bit for bit
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_cpu_linear_training_forward_matches_autograd(bias: bool, input_grad: bool) -> None:
+    layer = LinearSVD(30, 20, bias=bias).train()
+    with torch.no_grad():
+        layer.log_sigma2.uniform_(-6, 0)  # noise large enough that its gradient path matters
+    x = torch.randn(8, 30, requires_grad=input_grad)
+    weight_out = torch.randn(8, 20)  # a loss with a different weight on every output
+    wanted = [t for t in (x, layer.weight, layer.log_sigma2, layer.bias) if t is not None and t.requires_grad]
+    torch.manual_seed(3)
+    reference = VariationalLayer.forward(layer, x)  # the generic path, autograd all through
+    ref_grads = torch.autograd.grad((reference * weight_out).pow(2).sum(), wanted)
+    torch.manual_seed(3)
+    got = layer(x)
+    assert type(got.grad_fn).__name__ == "_LinearLRTBackward"  # the hand-written backward is what ran
+    grads = torch.autograd.grad((got * weight_out).pow(2).sum(), wanted)
+    torch.testing.assert_close(got, reference)  # same noise drawn at the same point
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32, summed in another order
 
 
 def test_local_reparameterization_has_the_analytic_mean_and_variance() -> None:

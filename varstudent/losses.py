@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from varstudent.errors import ConfigError
-from varstudent.nn.variational import total_kl
+from varstudent.nn.variational import weighted_kl
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -173,8 +173,10 @@ def student_loss(student: nn.Module, logits: torch.Tensor, targets: torch.Tensor
         terms["kd"] = kd_loss(logits, teacher_logits, weights.temperature, weights.kd_direction)
         total = total + weights.kd * terms["kd"]
     if weights.vd > 0:
-        terms["kl"] = total_kl(student) / n_train  # the ELBO's KL per training sample
-        total = total + weights.vd * beta * terms["kl"]
+        # the ELBO's KL per training sample, weighted; the weight goes into the KL's own backward (no extra pass)
+        weighted, plain = weighted_kl(student, weights.vd * beta / n_train)
+        terms["kl"] = plain / n_train
+        total = total + weighted
     if weights.bsr > 0 and bsr is not None:
         terms["bsr"] = bsr()
         total = total + weights.bsr * terms["bsr"]

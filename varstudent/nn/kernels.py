@@ -2,8 +2,10 @@
 
 The KL touches every weight on every step with four transcendental functions; as ~20 separate PyTorch
 elementwise kernels it was the largest cost of a CPU distillation epoch. One vectorized C loop computes the
-value and both gradients in a single pass. Needs a C compiler (cc/gcc); without one, or with
-VARSTUDENT_NO_KERNELS=1, the PyTorch path runs and results agree to float32 rounding.
+value and both gradients (already times the term's loss weight) in a single pass, on torch's OpenMP threads
+where the compiler supports -fopenmp (vdkl.c says why that runtime): ~1.05 ms on one thread, ~0.55 ms on two,
+for the 500x784 layer. Needs a C compiler (cc/gcc); without one, or with VARSTUDENT_NO_KERNELS=1, the
+PyTorch path runs and results agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger("varstudent")
 SOURCE = Path(__file__).with_name("vdkl.c")
 FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-shared"]
+# tried in order: OpenMP threads and glibc's vector math, then each dropped where the toolchain lacks it
+OPTIONAL_FLAGS = (["-fopenmp", "-lmvec"], ["-lmvec"], ["-fopenmp"])
 
 
 def _cache_dir() -> Path:
@@ -57,8 +63,11 @@ def vdkl_kernel():
             os.close(fd)
             cmd = [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"]
             try:
-                if subprocess.run([*cmd, "-lmvec"], capture_output=True).returncode != 0:
-                    subprocess.run(cmd, capture_output=True, check=True)  # no vector math library: scalar loop
+                for extra in OPTIONAL_FLAGS:
+                    if subprocess.run([*cmd, *extra], capture_output=True).returncode == 0:
+                        break
+                else:  # neither OpenMP nor the vector math library: a scalar loop on one thread
+                    subprocess.run(cmd, capture_output=True, check=True)
                 os.replace(tmp, lib_path)  # atomic: concurrent first uses never load half a file
             finally:
                 Path(tmp).unlink(missing_ok=True)
@@ -68,5 +77,16 @@ def vdkl_kernel():
         return None
     fn = lib.vd_kl
     fn.restype = ctypes.c_double
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_float]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_float, ctypes.c_float]
     return fn
+
+
+def vd_kl(weight: torch.Tensor, log_sigma2: torch.Tensor, clip: float, scale: float,
+          with_grad: bool) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+    """(summed KL, scale * dKL/dweight, scale * dKL/dlog_sigma2) by the C kernel, the gradients None without
+    with_grad. Contiguous float32 CPU tensors, and only where `vdkl_kernel()` is not None."""
+    grad_w = torch.empty_like(weight) if with_grad else None
+    grad_s = torch.empty_like(log_sigma2) if with_grad else None
+    kl = vdkl_kernel()(weight.data_ptr(), log_sigma2.data_ptr(), grad_w.data_ptr() if with_grad else None,
+                       grad_s.data_ptr() if with_grad else None, weight.numel(), clip, scale)
+    return kl, grad_w, grad_s

@@ -2,22 +2,41 @@
  *
  * Per weight: log_alpha = clip(log_sigma2 - log(w^2 + 1e-8), -clip, clip) and
  *   KL = -(K1 * sigmoid(K2 + K3 * log_alpha) - 0.5 * log1p(exp(-log_alpha)) - K1)   (Molchanov et al. 2017)
- * Writes dKL/dw and dKL/dlog_sigma2 and returns the summed KL. The PyTorch path in variational.py is the
- * reference; tests check that both agree. Built at first use by varstudent/nn/kernels.py. */
+ * Returns the summed KL over weights [0, n) and, unless grad_w is NULL, writes scale * dKL/dw and
+ * scale * dKL/dlog_sigma2: the loss weight of the term is applied here, not in a second pass over the
+ * gradients. With grad_w NULL (a term weighted 0, e.g. the first warm-up epoch) only the value is computed.
+ * Layers over CHUNK weights are split into chunks computed on OpenMP threads: built with -fopenmp and loaded
+ * into a process that has imported torch, this binds to torch's own libgomp (same soname) and so runs on its
+ * thread team, whose workers are still spinning from the previous op - Python threads or a second OpenMP
+ * runtime would compete with them for the cores instead. The loop is compute-bound (glibc's vector expf/logf,
+ * ~2.7 ns a weight on one core), so two cores halve it. Built without OpenMP the pragma is ignored and the
+ * same chunks run in order. The PyTorch path in variational.py is the reference; tests check that both
+ * agree. Built at first use by varstudent/nn/kernels.py. */
 #include <math.h>
+#include <stddef.h>
 
 #define K1 0.63576f
 #define K2 1.87320f
 #define K3 1.48695f
 
-double vd_kl(const float *restrict w, const float *restrict log_sigma2, float *restrict grad_w,
-             float *restrict grad_log_sigma2, long n, float clip) {
+static double kl_chunk(const float *restrict w, const float *restrict log_sigma2, float *restrict grad_w,
+                       float *restrict grad_log_sigma2, long n, float clip, float scale) {
     double total = 0.0;
+    if (grad_w == NULL) {
+#pragma omp simd reduction(+ : total)
+        for (long i = 0; i < n; i++) {
+            float log_alpha = log_sigma2[i] - logf(w[i] * w[i] + 1e-8f);
+            log_alpha = fminf(fmaxf(log_alpha, -clip), clip);
+            float sig = 1.0f / (1.0f + expf(-(K2 + K3 * log_alpha)));
+            total += 0.5f * logf(1.0f + expf(-log_alpha)) - K1 * sig + K1;
+        }
+        return total;
+    }
 #pragma omp simd reduction(+ : total)
     for (long i = 0; i < n; i++) {
         float w2 = w[i] * w[i] + 1e-8f;
         float log_alpha = log_sigma2[i] - logf(w2);
-        float unclipped = fabsf(log_alpha) < clip ? 1.0f : 0.0f; /* the clip passes no gradient */
+        float unclipped = fabsf(log_alpha) < clip ? scale : 0.0f; /* the clip passes no gradient */
         log_alpha = fminf(fmaxf(log_alpha, -clip), clip);
         float sig = 1.0f / (1.0f + expf(-(K2 + K3 * log_alpha)));
         float exp_neg = expf(-log_alpha);
@@ -26,5 +45,33 @@ double vd_kl(const float *restrict w, const float *restrict log_sigma2, float *r
         grad_log_sigma2[i] = d;
         grad_w[i] = -2.0f * d * w[i] / w2;
     }
+    return total;
+}
+
+#define CHUNK 65536L /* weights per chunk; layers of several chunks are split across OpenMP threads */
+#define MAX_CHUNKS 4096L
+
+double vd_kl(const float *w, const float *log_sigma2, float *grad_w, float *grad_log_sigma2, long n,
+             float clip, float scale) {
+    /* Per-chunk sums added in chunk order: the value does not depend on the number of threads. */
+    double partial[MAX_CHUNKS];
+    long chunks = (n + CHUNK - 1) / CHUNK;
+    if (chunks > MAX_CHUNKS) { /* over 268M weights in one layer: fewer, larger chunks */
+        double total = 0.0;
+        for (long start = 0; start < n; start += CHUNK * MAX_CHUNKS) {
+            long count = n - start < CHUNK * MAX_CHUNKS ? n - start : CHUNK * MAX_CHUNKS;
+            total += vd_kl(w + start, log_sigma2 + start, grad_w ? grad_w + start : NULL,
+                           grad_w ? grad_log_sigma2 + start : NULL, count, clip, scale);
+        }
+        return total;
+    }
+#pragma omp parallel for schedule(static) if (chunks > 1)
+    for (long c = 0; c < chunks; c++) {
+        long start = c * CHUNK, count = n - start < CHUNK ? n - start : CHUNK;
+        partial[c] = kl_chunk(w + start, log_sigma2 + start, grad_w ? grad_w + start : NULL,
+                              grad_w ? grad_log_sigma2 + start : NULL, count, clip, scale);
+    }
+    double total = 0.0;
+    for (long c = 0; c < chunks; c++) total += partial[c];
     return total;
 }
