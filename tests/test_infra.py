@@ -117,6 +117,7 @@ def test_dockerfile_is_pinned_non_root_and_secret_free(name: str, torch_index: s
     assert "torch==2.13.0" in run and torch_index in run
     assert "PIP_NO_CACHE_DIR=1" in " ".join(args for op, args in steps if op == "ENV")  # small layers
     assert "rm -rf /var/lib/apt/lists/*" in run
+    assert re.search(r"install[^&]* gcc libc6-dev", run)  # the C kernels build at first use on the node
 
 
 def test_dockerignore_keeps_local_state_and_credentials_out() -> None:

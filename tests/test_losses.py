@@ -103,6 +103,68 @@ def test_block_max_abs_gradient_adds_into_the_layers_dense_gradient() -> None:
     assert torch.allclose(weight.grad, expected)
 
 
+@pytest.mark.parametrize("blocks,dim", [("out", 0), ("in", 1)])
+def test_fused_linf_bsr_equals_the_per_layer_path_to_the_bit(blocks: str, dim: int,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from varstudent import losses
+    from varstudent.nn.kernels import bsr_linf_kernel
+
+    if bsr_linf_kernel() is None:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
+    torch.manual_seed(0)
+    teacher = [torch.randn(12, 10), torch.randn(6, 12, 3, 3)]
+    student_init = [torch.randn(5, 8), torch.randn(4, 5, 3, 3)]
+    first = student_init[0] if dim == 0 else student_init[0].T  # rows here are the layer's blocks
+    first[0] = 0.0  # an all-zero block: its gradient goes to its first entry, with a + sign
+    first[1, :2] = torch.tensor([-3.0, 3.0])  # a tie between signs: the positive entry wins
+    first[1, 2:] = 0.1
+    first[2] = -first[2].abs()  # a block whose largest |w| is negative
+    teacher_rows = teacher[0] if dim == 0 else teacher[0].T
+    teacher_rows[3] = 0.0
+    teacher_rows[3, 0] = first[3].abs().max()  # student and teacher block maxima tie: half the gradient
+    data_gradient = [torch.randn_like(w) for w in student_init]
+
+    def run(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if not fused:
+            monkeypatch.setattr(losses, "bsr_linf_kernel", lambda: None)
+        student = [torch.nn.Parameter(w.clone()) for w in student_init]
+        bsr = BlockSparseRegularizer(teacher, student, "linf", blocks)
+        value = bsr()
+        assert (value.grad_fn.__class__.__name__ == "_LinfBlockTotalBackward") is fused  # the path under test
+        (value * 0.7 + sum((w * g).sum() for w, g in zip(student, data_gradient))).backward()
+        monkeypatch.undo()
+        return value.detach(), [w.grad for w in student]
+
+    (fused_value, fused_grads), (value, grads) = run(True), run(False)
+    torch.testing.assert_close(fused_value, value, rtol=1e-6, atol=0)  # summed in another order
+    for a, b in zip(fused_grads, grads):
+        assert a.layout == torch.strided and torch.equal(a, b)
+
+
+def test_bsr_kernel_picks_the_first_largest_entry_and_stays_in_its_row() -> None:
+    from varstudent.nn.kernels import bsr_linf, bsr_linf_kernel
+
+    if bsr_linf_kernel() is None:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
+    rows = torch.tensor([[1.0, -2.0, 2.0, -2.0], [0.5, -4.0, 4.0, 1.0], [0.0, 0.0, 0.0, 0.0],
+                         [1.0, 3.0, 3.0, -1.0], [-1.0, -5.0, 0.0, 5.0], [float("nan"), 1.0, 2.0, 3.0]])
+    teacher = torch.tensor([1.0, 5.0, 0.0, 3.0, 1.0, 0.0, 7.0])  # a 7th block: the teacher's alone
+    term, indices, coef = bsr_linf(rows, teacher, rows.shape, 0)
+    at = indices[1]
+    assert indices[0].tolist() == list(range(6)) and at[:5].tolist() == [2, 2, 0, 1, 3]
+    assert 0 <= at[5] < 4  # a NaN row gives some entry of that row, never one past its end
+    values = rows[:5].numpy()  # the NumPy rule it replaces, on the rows without NaN
+    negative = -values.min(1) > values.max(1)
+    assert at[:5].tolist() == [lo if n else hi for hi, lo, n in zip(values.argmax(1), values.argmin(1), negative)]
+    # the student's block larger: 1; the teacher's: 0; a tie: 1/2 - times the winning entry's sign
+    assert coef[:5].tolist() == [1.0, 0.0, 0.5, 0.5, 1.0]
+    rows[5, 0] = -1.0
+    rows[4, 1] = -6.0  # now a negative entry wins its block: the sign turns
+    term, indices, coef = bsr_linf(rows, teacher, rows.shape, 0)
+    assert indices[1, 4] == 1 and coef[4] == -1.0
+    assert term == 2.0 + 5.0 + 0.0 + 3.0 + 6.0 + 3.0 + 7.0  # sum of max(teacher, student) per block
+
+
 def test_bsr_sends_no_gradient_to_the_teacher() -> None:
     teacher_net = build_model(build_spec("mlp-20-10", (1, 4, 4), 3))
     student_net = build_model(build_spec("mlp-8-4", (1, 4, 4), 3, variational=True))

@@ -156,3 +156,14 @@ def test_total_kl_sums_every_variational_layer() -> None:
     net = torch.nn.Sequential(LinearSVD(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 3), LinearSVD(3, 2))
     expected = net[0].kl() + net[3].kl()
     torch.testing.assert_close(total_kl(net), expected)
+
+
+def test_a_second_backward_through_the_fused_kl_says_why() -> None:
+    from varstudent.nn.kernels import vdkl_kernel
+
+    if vdkl_kernel() is None:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
+    kl = LinearSVD(10, 5).kl()
+    kl.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward.*VARSTUDENT_NO_KERNELS"):
+        kl.backward()

@@ -1,11 +1,16 @@
-"""A small C kernel for the Sparse VD KL, compiled at first use; PyTorch is the fallback and the reference.
+"""Small C kernels, compiled at first use; PyTorch is the fallback and the reference.
 
+vdkl.c, the Sparse VD KL:
 The KL touches every weight on every step with four transcendental functions; as ~20 separate PyTorch
 elementwise kernels it was the largest cost of a CPU distillation epoch. One vectorized C loop computes the
 value and both gradients (already times the term's loss weight) in a single pass, on torch's OpenMP threads
 where the compiler supports -fopenmp (vdkl.c says why that runtime): ~1.05 ms on one thread, ~0.55 ms on two,
 for the 500x784 layer. Needs a C compiler (cc/gcc); without one, or with VARSTUDENT_NO_KERNELS=1, the
 PyTorch path runs and results agree to float32 rounding.
+
+blockmax.c, the BSR's l1/l_inf term of a layer (losses.py): the block maxima of |w|, the term and its
+sparse gradient's coordinates in one call on the OpenMP threads, instead of NumPy's argmax and argmin and
+~35 small PyTorch ops and autograd nodes a layer; same gradient to the bit.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("varstudent")
-SOURCE = Path(__file__).with_name("vdkl.c")
 FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-shared"]
 # tried in order: OpenMP threads and glibc's vector math, then each dropped where the toolchain lacks it
 OPTIONAL_FLAGS = (["-fopenmp", "-lmvec"], ["-lmvec"], ["-fopenmp"])
@@ -45,23 +49,24 @@ def _cpu_key() -> str:
 
 
 @cache
-def vdkl_kernel():
-    """The compiled `vd_kl` function, or None when kernels are off or cannot be built here."""
+def _library(name: str) -> ctypes.CDLL | None:
+    """nn/<name>.c compiled and loaded, or None when kernels are off or it cannot be built here."""
     if os.environ.get("VARSTUDENT_NO_KERNELS") == "1":
         return None
+    source = Path(__file__).with_name(f"{name}.c")
     compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not SOURCE.is_file():
-        log.info("no C compiler found: the variational KL runs in PyTorch (slower on the CPU)")
+    if compiler is None or not source.is_file():
+        log.info("no C compiler found: %s runs in PyTorch (slower on the CPU)", name)
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_key().encode()
+    key = hashlib.sha256(source.read_bytes() + repr((FLAGS, OPTIONAL_FLAGS)).encode() + _cpu_key().encode()
                          + compiler.encode()).hexdigest()[:16]
-    lib_path = _cache_dir() / f"vdkl-{key}.so"
+    lib_path = _cache_dir() / f"{name}-{key}.so"
     try:
         if not lib_path.is_file():
             lib_path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=lib_path.parent, suffix=".so")
             os.close(fd)
-            cmd = [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"]
+            cmd = [compiler, *FLAGS, str(source), "-o", tmp, "-lm"]
             try:
                 for extra in OPTIONAL_FLAGS:
                     if subprocess.run([*cmd, *extra], capture_output=True).returncode == 0:
@@ -71,14 +76,53 @@ def vdkl_kernel():
                 os.replace(tmp, lib_path)  # atomic: concurrent first uses never load half a file
             finally:
                 Path(tmp).unlink(missing_ok=True)
-        lib = ctypes.CDLL(str(lib_path))
+        return ctypes.CDLL(str(lib_path))
     except (OSError, subprocess.CalledProcessError) as exc:
-        log.info("could not build the KL kernel (%s): the variational KL runs in PyTorch", exc)
+        log.info("could not build the %s kernel (%s): it runs in PyTorch", name, exc)
         return None
-    fn = lib.vd_kl
-    fn.restype = ctypes.c_double
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_float, ctypes.c_float]
+
+
+def _function(library: str, name: str, restype, argtypes: list):
+    """A C function of nn/<library>.c with its ctypes signature, or None where the library is not built."""
+    lib = _library(library)
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    fn.restype, fn.argtypes = restype, argtypes
     return fn
+
+
+@cache
+def vdkl_kernel():
+    """The compiled `vd_kl` function, or None when kernels are off or cannot be built here."""
+    return _function("vdkl", "vd_kl", ctypes.c_double,
+                     [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_float, ctypes.c_float])
+
+
+@cache
+def bsr_linf_kernel():
+    """The compiled `bsr_linf` function, or None when kernels are off or cannot be built here."""
+    return _function("blockmax", "bsr_linf", ctypes.c_double,
+                     [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+                      ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3)
+
+
+def bsr_linf(blocks: torch.Tensor, teacher_max: torch.Tensor, shape: torch.Size,
+             dim: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """One layer's l1/l_inf BSR term by the C kernel (blockmax.c says what is computed), with the sparse
+    gradient's coordinates and coefficients: (term, indices (len(shape), blocks), coef (blocks,)).
+
+    blocks: the student weight as contiguous float32 (blocks, rest), block m being index m of `dim` of a
+    weight of `shape`; teacher_max: contiguous float32, one entry per block of the stacked pair (>= blocks).
+    Only where `bsr_linf_kernel()` is not None.
+    """
+    rows, cols = blocks.shape
+    indices = torch.empty(len(shape), rows, dtype=torch.long)
+    coef, student_max = torch.empty(rows), torch.empty(rows)
+    dims = (ctypes.c_long * len(shape))(*shape)
+    term = bsr_linf_kernel()(blocks.data_ptr(), rows, cols, teacher_max.data_ptr(), teacher_max.numel(),
+                             len(shape), dims, dim, indices.data_ptr(), coef.data_ptr(), student_max.data_ptr())
+    return term, indices, coef
 
 
 def vd_kl(weight: torch.Tensor, log_sigma2: torch.Tensor, clip: float, scale: float,

@@ -52,8 +52,9 @@ class _LayerKL(torch.autograd.Function):
             kl_sum, grad_w, grad_s = vd_kl(weight.detach().contiguous(), log_sigma2.detach().contiguous(),
                                            LOG_ALPHA_CLIP, scale, with_grad)
             ctx.fused = True
-            if with_grad:
-                ctx.save_for_backward(grad_w, grad_s)
+            # kept as attributes, not saved tensors: backward hands them on and drops its own reference, so
+            # autograd can add the layer's data gradient into them in place instead of into a new tensor
+            ctx.kernel_grads = (grad_w, grad_s)
             kl = torch.tensor(kl_sum, dtype=weight.dtype)
             ctx.mark_non_differentiable(kl)
             return kl * scale, kl
@@ -76,7 +77,11 @@ class _LayerKL(torch.autograd.Function):
         if not ctx.with_grad:
             return None, None, None
         if ctx.fused:  # CPU: a 0-d gradient is read without a device sync
-            grad_w, grad_s = ctx.saved_tensors
+            if not hasattr(ctx, "kernel_grads"):
+                raise RuntimeError("a second backward through the same fused VD KL (retain_graph): its gradients "
+                                   "were handed on by the first; set VARSTUDENT_NO_KERNELS=1 for the PyTorch path")
+            grad_w, grad_s = ctx.kernel_grads
+            del ctx.kernel_grads
             if grad.item() != 1.0:
                 grad_w, grad_s = grad_w * grad, grad_s * grad
             return grad_w, grad_s, None
