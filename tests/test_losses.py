@@ -165,6 +165,21 @@ def test_bsr_kernel_picks_the_first_largest_entry_and_stays_in_its_row() -> None
     assert term == 2.0 + 5.0 + 0.0 + 3.0 + 6.0 + 3.0 + 7.0  # sum of max(teacher, student) per block
 
 
+def test_bsr_kernel_wrapper_refuses_what_the_kernel_would_read_past() -> None:
+    from varstudent.nn.kernels import bsr_linf, bsr_linf_kernel
+
+    if bsr_linf_kernel() is None:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
+    with pytest.raises(ValueError, match=">= 1 column"):
+        bsr_linf(torch.empty(3, 0), torch.zeros(3), torch.Size([3, 0]), 0)  # no entry to pick
+    with pytest.raises(ValueError, match="against 2 teacher blocks"):
+        bsr_linf(torch.ones(3, 4), torch.zeros(2), torch.Size([3, 4]), 0)  # fewer teacher blocks than rows
+    with pytest.raises(ValueError, match="dim 2"):
+        bsr_linf(torch.ones(3, 4), torch.zeros(3), torch.Size([2, 2, 3]), 2)
+    with pytest.raises(ValueError, match="float64"):
+        bsr_linf(torch.ones(3, 4, dtype=torch.float64), torch.zeros(3), torch.Size([3, 4]), 0)
+
+
 def test_bsr_sends_no_gradient_to_the_teacher() -> None:
     teacher_net = build_model(build_spec("mlp-20-10", (1, 4, 4), 3))
     student_net = build_model(build_spec("mlp-8-4", (1, 4, 4), 3, variational=True))

@@ -52,6 +52,10 @@ def test_weighted_kl_is_the_scaled_kl_with_the_scaled_gradient(path: str, monkey
 
     if path == "pytorch":
         monkeypatch.setattr(variational, "vdkl_kernel", lambda: None)
+    elif shutil.which("cc") or shutil.which("gcc"):
+        assert variational.vdkl_kernel() is not None
+    else:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
     net = torch.nn.Sequential(LinearSVD(300, 400), torch.nn.ReLU(), LinearSVD(400, 3))  # 120k: several chunks
     params = [p for p in net.parameters() if p.dim() == 2]
     reference = total_kl(net)
@@ -68,6 +72,20 @@ def test_weighted_kl_is_the_scaled_kl_with_the_scaled_gradient(path: str, monkey
     torch.testing.assert_close(plain, reference.detach())
     assert weighted.item() == 0.0 and weighted.grad_fn is not None
     assert all(g is None for g in torch.autograd.grad(weighted, params, allow_unused=True))
+
+
+def test_loading_the_kernels_leaves_subnormal_floats_alone() -> None:
+    # gcc < 13 links a -ffast-math shared object with crtfastmath.o, which turns on flush-to-zero for the whole
+    # process when the library loads; the kernels are compiled with -ffast-math but linked without it
+    import subprocess
+    import sys
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: no kernel to load")
+    code = ("import torch; torch.set_flush_denormal(False); from varstudent.nn import kernels; "
+            "assert kernels.vdkl_kernel() and kernels.bsr_linf_kernel(); print((torch.tensor([1e-39]) * 1).item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert float(out) > 0.0  # 1e-39 is subnormal in float32: flushed, it would print 0.0
 
 
 def test_kernel_kl_does_not_depend_on_the_thread_count() -> None:

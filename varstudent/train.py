@@ -125,7 +125,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, set
 
 @functools.cache
 def reuse_freed_memory() -> bool:
-    """Let glibc keep freed blocks of up to 64 MiB for reuse instead of handing them back to the kernel.
+    """Let glibc keep freed blocks of up to 64 MiB (32 MiB on older glibc) for reuse instead of handing them
+    back to the kernel; True where both settings took.
 
     Why: PyTorch's CPU allocator is plain malloc, and glibc serves blocks this size with fresh mmaps or trims
     them off its heap when freed, so every training step's gradients and temporaries (several MB each step)
@@ -141,7 +142,12 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 64 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
+    # glibc before 2.35 or so refuses an mmap threshold above 32 MiB (HEAP_MAX_SIZE / 2 on 64-bit)
+    mmap_set = bool(mallopt(m_mmap_threshold, 64 << 20)) or bool(mallopt(m_mmap_threshold, 32 << 20))
+    trim_set = bool(mallopt(m_trim_threshold, 256 << 20))
+    if not (mmap_set and trim_set):
+        log.debug("glibc malloc options not all taken (mmap threshold %s, trim threshold %s)", mmap_set, trim_set)
+    return mmap_set and trim_set
 
 
 class _GraphedStep:

@@ -11,7 +11,10 @@
  * so that the backward is only coef * upstream gradient, placed at `indices` as a sparse tensor.
  * Two vectorized passes per row - max and min, then the first column holding the winner as a min-reduction
  * over candidate columns (an early-exit scan does not vectorize and cost 3x more) - rows split across
- * OpenMP threads (see vdkl.c for why torch's own OpenMP runtime). */
+ * `threads` OpenMP threads (see vdkl.c for why torch's own OpenMP runtime). The caller (kernels.bsr_linf)
+ * checks cols >= 1, at least `rows` teacher blocks and dim 0 or 1. A NaN row's winner is some entry of that
+ * row (the index stays in range); its term is unspecified under -ffast-math, where the cross-entropy of a
+ * network with NaN weights is NaN anyway. */
 #include <limits.h>
 #include <math.h>
 
@@ -33,8 +36,8 @@ static long first_match(const float *row, long cols, float wanted) {
 }
 
 double bsr_linf(const float *w, long rows, long cols, const float *teacher_max, long teacher_blocks, long ndim,
-                const long *shape, long dim, long *indices, float *coef, float *student_max) {
-#pragma omp parallel for schedule(static) if (rows * cols > 65536)
+                const long *shape, long dim, long *indices, float *coef, float *student_max, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols > 65536)
     for (long r = 0; r < rows; r++) {
         const float *row = w + r * cols;
         float high = row[0], low = row[0];

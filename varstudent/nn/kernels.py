@@ -4,9 +4,9 @@ vdkl.c, the Sparse VD KL:
 The KL touches every weight on every step with four transcendental functions; as ~20 separate PyTorch
 elementwise kernels it was the largest cost of a CPU distillation epoch. One vectorized C loop computes the
 value and both gradients (already times the term's loss weight) in a single pass, on torch's OpenMP threads
-where the compiler supports -fopenmp (vdkl.c says why that runtime): ~1.05 ms on one thread, ~0.55 ms on two,
-for the 500x784 layer. Needs a C compiler (cc/gcc); without one, or with VARSTUDENT_NO_KERNELS=1, the
-PyTorch path runs and results agree to float32 rounding.
+where the compiler supports -fopenmp (vdkl.c says why that runtime), as many as torch.get_num_threads():
+~1.05 ms on one thread, ~0.55 ms on two, for the 500x784 layer. Needs a C compiler (cc/gcc); without one, or
+with VARSTUDENT_NO_KERNELS=1, the PyTorch path runs and results agree to float32 rounding.
 
 blockmax.c, the BSR's l1/l_inf term of a layer (losses.py): the block maxima of |w|, the term and its
 sparse gradient's coordinates in one call on the OpenMP threads, instead of NumPy's argmax and argmin and
@@ -29,9 +29,13 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("varstudent")
-FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-shared"]
-# tried in order: OpenMP threads and glibc's vector math, then each dropped where the toolchain lacks it
-OPTIONAL_FLAGS = (["-fopenmp", "-lmvec"], ["-lmvec"], ["-fopenmp"])
+COMPILE_FLAGS = ["-O3", "-march=native", "-fPIC"]
+# (compile, link) flags tried in order: OpenMP threads and glibc's vector math (its vector expf/logf are called
+# only under -ffast-math), then each dropped where the toolchain lacks it. Compiled and linked in two steps:
+# gcc < 13 links -ffast-math shared objects with crtfastmath.o, whose constructor turns on flush-to-zero for
+# the whole process the moment the library is loaded - the link step never sees -ffast-math.
+BUILDS = ((["-ffast-math", "-fopenmp"], ["-fopenmp", "-lmvec"]), (["-ffast-math"], ["-lmvec"]),
+          (["-fopenmp"], ["-fopenmp"]), ([], []))
 
 
 def _cache_dir() -> Path:
@@ -58,26 +62,26 @@ def _library(name: str) -> ctypes.CDLL | None:
     if compiler is None or not source.is_file():
         log.info("no C compiler found: %s runs in PyTorch (slower on the CPU)", name)
         return None
-    key = hashlib.sha256(source.read_bytes() + repr((FLAGS, OPTIONAL_FLAGS)).encode() + _cpu_key().encode()
+    key = hashlib.sha256(source.read_bytes() + repr((COMPILE_FLAGS, BUILDS)).encode() + _cpu_key().encode()
                          + compiler.encode()).hexdigest()[:16]
     lib_path = _cache_dir() / f"{name}-{key}.so"
     try:
         if not lib_path.is_file():
             lib_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=lib_path.parent, suffix=".so")
-            os.close(fd)
-            cmd = [compiler, *FLAGS, str(source), "-o", tmp, "-lm"]
-            try:
-                for extra in OPTIONAL_FLAGS:
-                    if subprocess.run([*cmd, *extra], capture_output=True).returncode == 0:
+            with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+                obj, lib = Path(tmp) / f"{name}.o", Path(tmp) / f"{name}.so"
+                for compile_extra, link_extra in BUILDS:
+                    compiled = subprocess.run([compiler, *COMPILE_FLAGS, *compile_extra, "-c", str(source), "-o",
+                                               str(obj)], capture_output=True)
+                    if compiled.returncode == 0 and subprocess.run(
+                            [compiler, "-shared", str(obj), "-o", str(lib), "-lm", *link_extra],
+                            capture_output=True).returncode == 0:
                         break
-                else:  # neither OpenMP nor the vector math library: a scalar loop on one thread
-                    subprocess.run(cmd, capture_output=True, check=True)
-                os.replace(tmp, lib_path)  # atomic: concurrent first uses never load half a file
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+                else:
+                    raise OSError(f"{compiler} could not build {source.name}: {compiled.stderr.decode()[-300:]}")
+                os.replace(lib, lib_path)  # atomic: concurrent first uses never load half a file
         return ctypes.CDLL(str(lib_path))
-    except (OSError, subprocess.CalledProcessError) as exc:
+    except OSError as exc:
         log.info("could not build the %s kernel (%s): it runs in PyTorch", name, exc)
         return None
 
@@ -96,7 +100,7 @@ def _function(library: str, name: str, restype, argtypes: list):
 def vdkl_kernel():
     """The compiled `vd_kl` function, or None when kernels are off or cannot be built here."""
     return _function("vdkl", "vd_kl", ctypes.c_double,
-                     [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_float, ctypes.c_float])
+                     [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_float, ctypes.c_float, ctypes.c_int])
 
 
 @cache
@@ -104,7 +108,7 @@ def bsr_linf_kernel():
     """The compiled `bsr_linf` function, or None when kernels are off or cannot be built here."""
     return _function("blockmax", "bsr_linf", ctypes.c_double,
                      [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
-                      ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3)
+                      ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_int])
 
 
 def bsr_linf(blocks: torch.Tensor, teacher_max: torch.Tensor, shape: torch.Size,
@@ -117,11 +121,17 @@ def bsr_linf(blocks: torch.Tensor, teacher_max: torch.Tensor, shape: torch.Size,
     Only where `bsr_linf_kernel()` is not None.
     """
     rows, cols = blocks.shape
+    if not (cols > 0 and dim in (0, 1) and teacher_max.numel() >= rows and blocks.is_contiguous()
+            and teacher_max.is_contiguous() and blocks.dtype == teacher_max.dtype == torch.float32):
+        raise ValueError(f"bsr_linf: {tuple(blocks.shape)} {blocks.dtype} blocks along dim {dim} against "
+                         f"{teacher_max.numel()} teacher blocks: needs contiguous float32, >= 1 column, dim 0 or 1")
     indices = torch.empty(len(shape), rows, dtype=torch.long)
-    coef, student_max = torch.empty(rows), torch.empty(rows)
+    coef = torch.empty(rows, dtype=torch.float32)
+    student_max = torch.empty(rows, dtype=torch.float32)  # the kernel's scratch: |w| of each block's winner
     dims = (ctypes.c_long * len(shape))(*shape)
     term = bsr_linf_kernel()(blocks.data_ptr(), rows, cols, teacher_max.data_ptr(), teacher_max.numel(),
-                             len(shape), dims, dim, indices.data_ptr(), coef.data_ptr(), student_max.data_ptr())
+                             len(shape), dims, dim, indices.data_ptr(), coef.data_ptr(), student_max.data_ptr(),
+                             torch.get_num_threads())
     return term, indices, coef
 
 
@@ -132,5 +142,6 @@ def vd_kl(weight: torch.Tensor, log_sigma2: torch.Tensor, clip: float, scale: fl
     grad_w = torch.empty_like(weight) if with_grad else None
     grad_s = torch.empty_like(log_sigma2) if with_grad else None
     kl = vdkl_kernel()(weight.data_ptr(), log_sigma2.data_ptr(), grad_w.data_ptr() if with_grad else None,
-                       grad_s.data_ptr() if with_grad else None, weight.numel(), clip, scale)
+                       grad_s.data_ptr() if with_grad else None, weight.numel(), clip, scale,
+                       torch.get_num_threads())
     return kl, grad_w, grad_s

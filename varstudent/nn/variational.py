@@ -73,6 +73,7 @@ class _LayerKL(torch.autograd.Function):
         return kl * scale, kl
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         if not ctx.with_grad:
             return None, None, None
@@ -116,7 +117,9 @@ class _LinearLRT(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, x2, weight, sigma2, std, noise = ctx.saved_tensors
-        grad_var = noise.div_(std).mul_(grad).mul_(0.5)  # d out / d var = noise / (2 std); noise is not reused
+        # d out / d var = noise / (2 std), computed in noise's memory: a second backward through this node
+        # (retain_graph) therefore fails autograd's in-place check rather than computing with a changed noise
+        grad_var = noise.div_(std).mul_(grad).mul_(0.5)
         grad_x = None
         if ctx.needs_input_grad[0]:  # through the mean, and through x^2 in the variance: 2x (grad_var sigma^2)
             grad_x = torch.mm(grad, weight).addcmul_(torch.mm(grad_var, sigma2), x, value=2.0)

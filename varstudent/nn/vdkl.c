@@ -5,10 +5,11 @@
  * Returns the summed KL over weights [0, n) and, unless grad_w is NULL, writes scale * dKL/dw and
  * scale * dKL/dlog_sigma2: the loss weight of the term is applied here, not in a second pass over the
  * gradients. With grad_w NULL (a term weighted 0, e.g. the first warm-up epoch) only the value is computed.
- * Layers over CHUNK weights are split into chunks computed on OpenMP threads: built with -fopenmp and loaded
- * into a process that has imported torch, this binds to torch's own libgomp (same soname) and so runs on its
- * thread team, whose workers are still spinning from the previous op - Python threads or a second OpenMP
- * runtime would compete with them for the cores instead. The loop is compute-bound (glibc's vector expf/logf,
+ * Layers over CHUNK weights are split into chunks computed on `threads` OpenMP threads (the caller passes
+ * torch.get_num_threads()): built with -fopenmp and loaded into a process that has imported torch, this binds
+ * to torch's own libgomp when torch's is named libgomp.so.1 (as in the CPU wheels), and so runs on its thread
+ * team, whose workers are still spinning from the previous op - Python threads, or a second OpenMP runtime
+ * where torch ships a renamed one, compete with them for the cores instead (still correct, slower). The loop is compute-bound (glibc's vector expf/logf,
  * ~2.7 ns a weight on one core), so two cores halve it. Built without OpenMP the pragma is ignored and the
  * same chunks run in order. The PyTorch path in variational.py is the reference; tests check that both
  * agree. Built at first use by varstudent/nn/kernels.py. */
@@ -52,20 +53,20 @@ static double kl_chunk(const float *restrict w, const float *restrict log_sigma2
 #define MAX_CHUNKS 4096L
 
 double vd_kl(const float *w, const float *log_sigma2, float *grad_w, float *grad_log_sigma2, long n,
-             float clip, float scale) {
+             float clip, float scale, int threads) {
     /* Per-chunk sums added in chunk order: the value does not depend on the number of threads. */
     double partial[MAX_CHUNKS];
     long chunks = (n + CHUNK - 1) / CHUNK;
-    if (chunks > MAX_CHUNKS) { /* over 268M weights in one layer: fewer, larger chunks */
+    if (chunks > MAX_CHUNKS) { /* over 268M weights in one layer: in runs of MAX_CHUNKS chunks, in order */
         double total = 0.0;
         for (long start = 0; start < n; start += CHUNK * MAX_CHUNKS) {
             long count = n - start < CHUNK * MAX_CHUNKS ? n - start : CHUNK * MAX_CHUNKS;
             total += vd_kl(w + start, log_sigma2 + start, grad_w ? grad_w + start : NULL,
-                           grad_w ? grad_log_sigma2 + start : NULL, count, clip, scale);
+                           grad_w ? grad_log_sigma2 + start : NULL, count, clip, scale, threads);
         }
         return total;
     }
-#pragma omp parallel for schedule(static) if (chunks > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (chunks > 1)
     for (long c = 0; c < chunks; c++) {
         long start = c * CHUNK, count = n - start < CHUNK ? n - start : CHUNK;
         partial[c] = kl_chunk(w + start, log_sigma2 + start, grad_w ? grad_w + start : NULL,
