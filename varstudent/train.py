@@ -142,7 +142,7 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    # glibc before 2.35 or so refuses an mmap threshold above 32 MiB (HEAP_MAX_SIZE / 2 on 64-bit)
+    # older glibc refuses an mmap threshold above 32 MiB (HEAP_MAX_SIZE / 2 on 64-bit); 2.36 here takes 64
     mmap_set = bool(mallopt(m_mmap_threshold, 64 << 20)) or bool(mallopt(m_mmap_threshold, 32 << 20))
     trim_set = bool(mallopt(m_trim_threshold, 256 << 20))
     if not (mmap_set and trim_set):

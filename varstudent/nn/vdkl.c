@@ -9,8 +9,8 @@
  * torch.get_num_threads()): built with -fopenmp and loaded into a process that has imported torch, this binds
  * to torch's own libgomp when torch's is named libgomp.so.1 (as in the CPU wheels), and so runs on its thread
  * team, whose workers are still spinning from the previous op - Python threads, or a second OpenMP runtime
- * where torch ships a renamed one, compete with them for the cores instead (still correct, slower). The loop is compute-bound (glibc's vector expf/logf,
- * ~2.7 ns a weight on one core), so two cores halve it. Built without OpenMP the pragma is ignored and the
+ * where torch ships a renamed one, compete with them for the cores instead (still correct, slower). The
+ * loop is compute-bound (glibc's vector expf/logf, ~2.7 ns a weight on one core), so two cores halve it. Built without OpenMP the pragma is ignored and the
  * same chunks run in order. The PyTorch path in variational.py is the reference; tests check that both
  * agree. Built at first use by varstudent/nn/kernels.py. */
 #include <math.h>
