@@ -48,6 +48,11 @@ def _blocks_first(w: torch.Tensor, dim: int) -> torch.Tensor:
     return w.transpose(0, dim).reshape(w.shape[dim], -1)
 
 
+def _blocks_first_shape(shape: torch.Size, dim: int) -> tuple[int, ...]:
+    """The shape _blocks_first transposes `shape` to before flattening the rest (for dims 0 and 1)."""
+    return (shape[dim], *shape[:dim], *shape[dim + 1:])
+
+
 class _BlockMaxAbs(torch.autograd.Function):
     """max |w| per block (index of `dim`); its gradient goes to the one arg-max entry of each block.
 
@@ -85,8 +90,8 @@ class _BlockMaxAbs(torch.autograd.Function):
         at, negative_wins = ctx.saved_tensors
         signed = torch.where(negative_wins, -grad, grad)
         shape, dim = ctx.shape, ctx.dim
-        blocks_first = (shape[dim], *shape[:dim], *shape[dim + 1:])  # _blocks_first's layout before the reshape
         if grad.device.type != "cpu":
+            blocks_first = _blocks_first_shape(shape, dim)
             # a one-hot select, not a scatter: CUDA's deterministic index_put sorts its indices (2.2 ms of a
             # 10 ms MLP step, README "Speed"); this is two elementwise kernels, deterministic by construction
             columns = torch.arange(math.prod(blocks_first[1:]), device=grad.device)
@@ -97,8 +102,7 @@ class _BlockMaxAbs(torch.autograd.Function):
 
 def _block_entry_gradient(at: torch.Tensor, values: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
     """A sparse gradient of `shape` holding values[m] at entry at[m] of block m (_blocks_first's layout)."""
-    blocks_first = (shape[dim], *shape[:dim], *shape[dim + 1:])
-    rest = torch.unravel_index(at, blocks_first[1:])  # the entry's coordinates within its block
+    rest = torch.unravel_index(at, _blocks_first_shape(shape, dim)[1:])  # the entry's coordinates within its block
     coords = [*rest[:dim], torch.arange(shape[dim]), *rest[dim:]]  # the block index back at `dim`
     return torch.sparse_coo_tensor(torch.stack(coords), values, shape, is_coalesced=dim == 0,
                                    check_invariants=False)
