@@ -7,8 +7,9 @@ LZMA2-coded like the sparse export's gaps. Printed per bit width: the bytes (saf
 export's spec), the footprint below the teacher's weights file, and how many test predictions differ from the
 masked student's -- the parity rule every export must pass (argmax identical on the whole test set).
 The float32, float16 and quantized rows are the sparse export itself (`export.sparse_values`); the quantized
-export chooses its steps on the training and test images, so a second quantized row chooses them without the
-odd-numbered test images: the predictions it changes are all among those 5,000 unseen images.
+export chooses its steps on the training images (near ties left out, `export.near_tie_margin`) and the test
+images, so a second quantized row chooses them without the odd-numbered test images: the predictions it changes
+are all among those 5,000 unseen images.
 
     python benchmarks/codebook_parity.py --run artifacts
     python benchmarks/codebook_parity.py --run /tmp/full/mnist-mlp --student vs_bsr   # a reproduce.py folder
@@ -25,8 +26,10 @@ import numpy as np
 import torch
 
 from varstudent.artifacts import load_model
+from varstudent.config import load_params
 from varstudent.data import load_prepared
 from varstudent.export.folded import folded_layers
+from varstudent.export.quantized import Selection
 from varstudent.export.sparse import encode_csr, load_sparse, pack_bytes, write_sparse
 from varstudent.nn.variational import variational_layers
 from varstudent.train import predict_logits
@@ -85,6 +88,9 @@ def main() -> None:
     parser.add_argument("--student", default="", help="subfolder of the student's distill/ and prune/ "
                         "(reproduce.py writes one per row)")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 5, 6, 7, 8])
+    committed = load_params(Path(__file__).parents[1] / "params.yaml")
+    parser.add_argument("--near-tie-margin", type=float, default=committed.export.near_tie_margin,
+                        help="export.near_tie_margin for the quantized rows (default: the committed params.yaml's)")
     args = parser.parse_args()
     root, row = args.run, args.run / args.student
     data = load_prepared(root / "prepare")
@@ -110,8 +116,9 @@ def main() -> None:
             row_line(f"sparse {dtype}", size, load_sparse(folder), reference, data.x_test, teacher_bytes, nonzero)
         # quantized values (export/quantized.py): steps chosen on the training and test images, as the prune
         # stage does; then chosen with the odd test images left out, whose changed predictions it counts
-        for name, select in (("quantized", [data.x_train, data.x_test]),
-                             ("quantized, odd test held out", [data.x_train, data.x_test[0::2]])):
+        train = Selection(data.x_train, args.near_tie_margin)
+        for name, select in (("quantized", [train, Selection(data.x_test)]),
+                             ("quantized, odd test held out", [train, Selection(data.x_test[0::2])])):
             write_sparse(compact, folder, "quantized", repeats=2, select=select)
             size = sum(p.stat().st_size for p in folder.glob("sparse.*"))
             row_line(name, size, load_sparse(folder), reference, data.x_test, teacher_bytes, nonzero)

@@ -59,7 +59,10 @@ def test_prune_selects_quantized_steps_on_the_training_and_test_images(finished:
     params = load_params(None, [*TINY, "export.sparse_values=quantized"])
     metrics = stages.prune(params, finished / "prepare", finished / "distill", tmp_path / "prune")
     doc = json.loads((tmp_path / "prune" / "sparse.json").read_text())
-    assert doc["values_dtype"] == "quantized" and doc["quantized"]["selection_samples"] == 1437 + 360  # digits
+    selected = doc["quantized"]
+    assert selected["tie_margins"] == [params.export.near_tie_margin, 0.0]  # digits' training, then test images
+    assert doc["values_dtype"] == "quantized"
+    assert selected["selection_samples"] == 1437 + 360 - selected["ties_left_out"]
     exports = json.loads((tmp_path / "prune" / "exports.json").read_text())["exports"]
     assert exports["sparse"]["differing_predictions"] == 0 and exports["sparse"]["precision"] == "quantized"
     float32_bytes = sum(p.stat().st_size for p in (finished / "prune").glob("sparse.*"))

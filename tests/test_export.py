@@ -611,7 +611,7 @@ def test_quantized_sparse_values_keep_every_prediction_in_fewer_bytes(name: str,
     with pytest.raises(ValueError, match="quantized values need the selection inputs"):
         write_exports(small, ["sparse"], tmp_path / "q", x, reference, "quantized", choose_repeats=1)
     manifest = write_exports(small, ["sparse"], tmp_path / "q", x, reference, "quantized", choose_repeats=1,
-                             select=[x_select, x])
+                             select=[quantized.Selection(x_select), quantized.Selection(x)])
     doc = json.loads((tmp_path / "q" / "sparse.json").read_text())
     assert doc["values_dtype"] == "quantized" and doc["quantized"]["selection_samples"] == 128
     model, float32 = load_export(tmp_path / "q", "sparse"), load_export(tmp_path / "f32", "sparse")
@@ -629,6 +629,67 @@ def test_quantized_sparse_values_keep_every_prediction_in_fewer_bytes(name: str,
     assert manifest["exports"]["sparse"]["bytes"] < sum(p.stat().st_size for p in (tmp_path / "f32").glob("sparse.*"))
 
 
+def near_tie(net: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """An input on the segment from a to b where net's two largest logits are as close as float32 allows:
+    bisection between points with different predictions."""
+    with torch.no_grad():
+        label_a = net(a[None]).argmax(1)
+        assert label_a != net(b[None]).argmax(1)
+        for _ in range(60):
+            middle = (a + b) / 2
+            a, b = (middle, b) if torch.equal(net(middle[None]).argmax(1), label_a) else (a, middle)
+    return a
+
+
+def test_quantized_steps_leave_near_tied_training_images_out_and_count_what_they_change(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    small = compact(mlp_with_a_full_layer()).eval()
+    x = torch.randn(200, 1, 8, 8)  # centred inputs: this random net predicts several classes on them
+    with torch.no_grad():
+        labels = small(x).argmax(1)
+    other = int((labels != labels[0]).nonzero()[0])
+    tie = near_tie(small, x[0], x[other])
+    x_train, x_test = torch.cat([x[:100], tie[None]]), x[100:]
+    with torch.no_grad():
+        reference = small(x_test)
+        margins = quantized.top_two_margin(small(x_train))
+    margin = margins[:-1].min().item() / 2  # between the tie and every other image: none borderline
+    assert margins[-1] < margin / 100
+    steps, docs = {}, {}
+    for m in (0.0, margin):
+        folder = tmp_path / str(m)
+        write_exports(small, ["sparse"], folder, x_test, reference, "quantized", choose_repeats=1,
+                      select=[quantized.Selection(x_train, m), quantized.Selection(x_test)])
+        docs[m] = json.loads((folder / "sparse.json").read_text())["quantized"]
+        steps[m] = [c["step_log2"] for c in json.loads((folder / "sparse.json").read_text())["choices"]]
+        with torch.no_grad():
+            exported = load_export(folder, "sparse")
+            kept = margins >= m
+            assert torch.equal(exported(x_train[kept]).argmax(1), small(x_train[kept]).argmax(1))
+            assert torch.equal(exported(x_test).argmax(1), reference.argmax(1))  # the test images: never left out
+            changed = int((exported(x_train[~kept]).argmax(1) != small(x_train[~kept]).argmax(1)).sum())
+        left_out = int((~kept).sum())
+        assert docs[m]["selection_samples"] == 101 - left_out + 100
+        assert docs[m]["tie_margins"] == [m, 0.0]  # the test images: never left out
+        assert docs[m]["ties_left_out"] == left_out and docs[m]["ties_changed"] == changed
+    assert docs[margin]["ties_left_out"] == 1
+    # the tie held the steps fine; left out, the largest layer (searched first) gets a coarser one
+    largest = max(range(len(steps[0.0])), key=lambda i: int(folded_layers(small)[i].weight.count_nonzero()))
+    assert steps[margin][largest] > steps[0.0][largest]
+
+
+@pytest.mark.parametrize("bad", [-1e-3, float("nan")])
+def test_a_selection_rejects_a_negative_or_nan_near_tie_margin(bad: float) -> None:
+    with pytest.raises(ValueError, match="near_tie_margin must be >= 0"):
+        quantized.Selection(torch.zeros(1, 4), bad)
+
+
+def test_top_two_margin() -> None:
+    margins = quantized.top_two_margin(torch.tensor([[1.0, 3.0, 2.5], [0.0, 0.0, -1.0]]))
+    assert torch.equal(margins, torch.tensor([0.5, 0.0]))
+    assert torch.isinf(quantized.top_two_margin(torch.zeros(2, 1))).all()  # a single output is never tied
+
+
 def test_quantized_steps_cover_biases_far_larger_than_the_weights(tmp_path: Path) -> None:
     small = compact(mlp_with_a_dead_layer()).eval()  # every weight pruned: the biases alone decide the logits
     with torch.no_grad():
@@ -637,7 +698,8 @@ def test_quantized_steps_cover_biases_far_larger_than_the_weights(tmp_path: Path
     x = torch.rand(16, 1, 3, 3)
     with torch.no_grad():
         reference = small(x)
-    write_exports(small, ["sparse"], tmp_path, x, reference, "quantized", choose_repeats=1, select=[x])
+    write_exports(small, ["sparse"], tmp_path, x, reference, "quantized", choose_repeats=1,
+                  select=[quantized.Selection(x)])
     with torch.no_grad():
         logits = load_export(tmp_path, "sparse")(x)
     assert torch.equal(logits.argmax(1), reference.argmax(1))
@@ -651,7 +713,8 @@ def quantized_export(tmp_path: Path) -> Path:
     x = torch.rand(32, 1, 8, 8)
     with torch.no_grad():
         reference = net(x)
-    write_exports(compact(net), ["sparse"], tmp_path, x, reference, "quantized", choose_repeats=1, select=[x])
+    write_exports(compact(net), ["sparse"], tmp_path, x, reference, "quantized", choose_repeats=1,
+                  select=[quantized.Selection(x)])
     return tmp_path
 
 

@@ -139,6 +139,9 @@ class ExportConfig:
                             "export/quantized.py)",
                             choices=("float32", "float16", "quantized"))
     choose_repeats: int = _f(20, "timed runs per layer when the sparse export picks CSR or dense", lo=1)
+    near_tie_margin: float = _f(0.01, "quantized values: training images whose two largest logits differ by less "
+                                "than this (near ties) are not held to their prediction when the steps are chosen; "
+                                "test images always are; 0 = hold every image", lo=0.0)
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,7 @@ def prune(params: Params, data_dir: Path, student_dir: Path, out_dir: Path) -> d
     write each format of `export.formats`, each checked against the masked student's test logits."""
     from varstudent.data import load_prepared
     from varstudent.export import write_exports
+    from varstudent.export.quantized import Selection
     from varstudent.prune import compact, nonzero_weights
 
     if not (student_dir / "student.json").is_file():
@@ -290,9 +291,10 @@ def prune(params: Params, data_dir: Path, student_dir: Path, out_dir: Path) -> d
     save_model(compact_net, out_dir, "compact", meta={"source": "prune", "threshold": params.prune.threshold,
                                                       "export_format": "compact"})
     cfg = params.export
+    # quantized steps keep every test prediction, and every training prediction but near ties (export/quantized.py)
+    select = [Selection(data.x_train, cfg.near_tie_margin), Selection(data.x_test)]
     exports = write_exports(compact_net, cfg.formats, out_dir, data.x_test, masked_logits, cfg.sparse_values,
-                            cfg.choose_repeats, select=[data.x_train, data.x_test] if cfg.sparse_values == "quantized"
-                            else None)
+                            cfg.choose_repeats, select=select if cfg.sparse_values == "quantized" else None)
     metrics: dict[str, Any] = {"nonzero_weights": nonzero_weights(compact_net),
                                "masked_nonzero_weights": nonzero_weights(student),
                                "compact_weights": weight_count(compact_net.spec),

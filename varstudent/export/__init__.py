@@ -19,7 +19,7 @@ lists what passed, in the order of `export.formats`: the first is what `load_exp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from varstudent.errors import ArtifactError
 from varstudent.export.rounding import ROUNDING, rounding_bound
 from varstudent.fileio import write_json
 from varstudent.nn.architectures import Net
+
+if TYPE_CHECKING:
+    from varstudent.export.quantized import Selection
 
 MANIFEST = "exports.json"
 FILES = {"compact": ("compact.json", "compact.safetensors"),
@@ -77,7 +80,7 @@ def check_parity(fmt: str, reference: torch.Tensor, logits: torch.Tensor,
 
 
 def write_export(fmt: str, net: Net, directory: Path, sparse_values: str = "float32",
-                 choose_repeats: int = 20, select: list[torch.Tensor] | None = None) -> None:
+                 choose_repeats: int = 20, select: list[Selection] | None = None) -> None:
     """Write one export of the compact `net` (compact itself is the prune stage's own output)."""
     if fmt in REDUCED:
         save_model(net, directory, fmt, meta={"export_format": fmt}, storage_dtype=REDUCED[fmt])
@@ -95,7 +98,7 @@ def write_export(fmt: str, net: Net, directory: Path, sparse_values: str = "floa
 
 def write_exports(net: Net, formats: tuple[str, ...] | list[str], directory: Path, x: torch.Tensor,
                   reference: torch.Tensor, sparse_values: str = "float32", choose_repeats: int = 20,
-                  select: list[torch.Tensor] | None = None) -> dict[str, Any]:
+                  select: list[Selection] | None = None) -> dict[str, Any]:
     """Write, reload and parity-check each format against `reference` (the masked student's logits on x).
     `select`: the input batches whose predictions choose the steps of quantized sparse values (quantized.py)."""
     (directory / MANIFEST).unlink(missing_ok=True)  # a failed run must not leave the last run's list behind

@@ -207,7 +207,7 @@ class SparseNet(nn.Module):
 
 
 def write_sparse(net: Net, directory: Path, values_dtype: str = "float32", repeats: int = 20,
-                 select: list[torch.Tensor] | None = None) -> Path:
+                 select: list[quantized.Selection] | None = None) -> Path:
     """Write the sparse export of the compact `net`. values_dtype "quantized" needs `select`, the input batches
     whose predictions choose the steps (quantized.py)."""
     layers = folded_layers(net)
@@ -217,7 +217,7 @@ def write_sparse(net: Net, directory: Path, values_dtype: str = "float32", repea
     if values_dtype == quantized.NAME:
         if not select:
             raise ValueError("quantized values need the selection inputs that choose their steps")
-        steps = _quantized_steps(layers, spec, net.input_index, matrices, select)
+        steps, selected = _quantized_steps(layers, spec, net.input_index, matrices, select)
     tensors: dict[str, torch.Tensor] = {}
     if net.input_index is not None:
         mask = np.zeros(int(np.prod(spec["input_shape"])), dtype=bool)
@@ -262,32 +262,49 @@ def write_sparse(net: Net, directory: Path, values_dtype: str = "float32", repea
            "streams": STREAMS if steps is None else QUANTIZED_STREAMS, "choices": choices, "rule": CHOICE_RULE,
            "threads": torch.get_num_threads()}
     if steps is not None:
-        doc["quantized"] = {"rule": quantized.RULE, "selection_samples": sum(int(x.shape[0]) for x in select)}
+        doc["quantized"] = {"rule": quantized.RULE, **selected}
     return write_tensors(directory, NAME, tensors, doc, one_line=True)  # indentation was ~1 kB of ~15 kB
 
 
 def _quantized_steps(layers: list, spec: dict[str, Any], input_index: torch.Tensor | None,
-                     matrices: list[np.ndarray], select: list[torch.Tensor]) -> list[int]:
+                     matrices: list[np.ndarray], select: list[quantized.Selection]) -> tuple[list[int], dict[str, Any]]:
     """quantized.choose_steps with this format's own forward: predictions of the export on `select` with the
-    layers' weights quantized, against those of the unquantized export."""
+    layers' weights quantized, against those of the unquantized export. Also what was selected: the number of
+    images, and of near ties left out (each selection's margin applied to the unquantized export's logits)."""
     from varstudent.train import predict_logits
 
     biases = [lay.bias.numpy() for lay in layers]
 
-    def predicts(weights: list[np.ndarray], biases: list[np.ndarray]) -> torch.Tensor:
+    def logits(weights: list[np.ndarray], biases: list[np.ndarray], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         built = [SparseLayer(s, torch.from_numpy(w).reshape(lay.weight.shape), torch.from_numpy(b), "dense")
                  for s, w, b, lay in zip(spec["layers"], weights, biases, layers)]
         net = SparseNet(spec, built, input_index)
-        with torch.no_grad():
-            return torch.cat([predict_logits(net, x).argmax(1) for x in select])
+        outputs = spec["layers"][-1]["out"]
+        with torch.no_grad():  # a selection may be left with no image (all near ties, or none to leave out)
+            return [predict_logits(net, x) if x.shape[0] else torch.empty(0, outputs) for x in inputs]
 
     def rounded(arrays: list[np.ndarray], steps: list[int]) -> list[np.ndarray]:
         return [quantized.dequantize(quantized.quantize(a, e), e) for a, e in zip(arrays, steps)]
 
-    reference = predicts([m.astype(np.float32) for m in matrices], biases)
+    weights = [m.astype(np.float32) for m in matrices]
+    unquantized = logits(weights, biases, [part.x for part in select])
+    near_ties = [quantized.top_two_margin(z) < part.near_tie_margin for z, part in zip(unquantized, select)]
+    inputs = [part.x[~tie] for part, tie in zip(select, near_ties)]
+    reference = torch.cat([z[~tie].argmax(1) for z, tie in zip(unquantized, near_ties)])
+
+    def predicts(steps: list[int]) -> torch.Tensor:
+        return torch.cat([z.argmax(1) for z in logits(rounded(matrices, steps), rounded(biases, steps), inputs)])
+
     values = [np.r_[m.ravel(), b] for m, b in zip(matrices, biases)]  # a layer's step covers both
-    return quantized.choose_steps(
-        values, lambda steps: predicts(rounded(matrices, steps), rounded(biases, steps)), reference)
+    steps = quantized.choose_steps(values, predicts, reference)
+    ties = [part.x[tie] for part, tie in zip(select, near_ties)]
+    changed = logits(rounded(matrices, steps), rounded(biases, steps), ties)
+    # kept lean: the JSON is part of the footprint (~60 B here, on exports of 2-30 kB)
+    return steps, {"selection_samples": int(reference.shape[0]),
+                   "tie_margins": [part.near_tie_margin for part in select],
+                   "ties_left_out": sum(int(tie.sum()) for tie in near_ties),
+                   "ties_changed": sum(int((z.argmax(1) != u[tie].argmax(1)).sum())
+                                       for tie, z, u in zip(near_ties, changed, unquantized))}
 
 
 def _tensor(tensors: dict[str, torch.Tensor], key: str, where: str) -> np.ndarray:
