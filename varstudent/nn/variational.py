@@ -25,8 +25,9 @@ VAR_EPS = 1e-8  # keeps sqrt(var) differentiable where x^2 * sigma^2 == 0
 
 def kl_approx(log_alpha: torch.Tensor) -> torch.Tensor:
     """KL(q(w | theta, alpha) || p(w)) per weight: >= 0, decreasing in log alpha, -> 0 as log alpha -> inf."""
-    neg_kl = KL_K1 * torch.sigmoid(KL_K2 + KL_K3 * log_alpha) - 0.5 * F.softplus(-log_alpha) - KL_K1
-    return -neg_kl
+    # -(K1 sigmoid(z) - 0.5 softplus(-log alpha) - K1), with K1 - K1 sigmoid(z) written K1 sigmoid(-z): the
+    # difference cancels in float32 near the upper clip, in the value and in its gradient
+    return KL_K1 * torch.sigmoid(-(KL_K2 + KL_K3 * log_alpha)) + 0.5 * F.softplus(-log_alpha)
 
 
 class _LayerKL(torch.autograd.Function):
@@ -63,12 +64,15 @@ class _LayerKL(torch.autograd.Function):
         log_alpha = torch.log(w2).neg_().add_(log_sigma2)
         unclipped = log_alpha.abs() < LOG_ALPHA_CLIP  # the clip passes no gradient
         log_alpha.clamp_(-LOG_ALPHA_CLIP, LOG_ALPHA_CLIP)
-        sig = torch.sigmoid(log_alpha * KL_K3 + KL_K2)
+        # sigmoid(z) and sigmoid(-z), z = K2 + K3 log alpha, from one exp, as in vdkl.c (no 1 - sigmoid)
+        sig_neg = torch.exp(log_alpha * -KL_K3 - KL_K2)
+        sig = sig_neg.add(1).reciprocal_()
+        sig_neg.mul_(sig)
         exp_neg = torch.exp(log_alpha.neg_())  # exp(-log alpha); softplus(-a) = log1p(exp(-a))
-        kl = 0.5 * torch.log1p(exp_neg).sum() - KL_K1 * sig.sum() + KL_K1 * weight.numel()
+        kl = 0.5 * torch.log1p(exp_neg).sum() + KL_K1 * sig_neg.sum()
         ctx.scale = scale
         if with_grad:
-            ctx.save_for_backward(weight, w2, sig, exp_neg, unclipped)
+            ctx.save_for_backward(weight, w2, sig, sig_neg, exp_neg, unclipped)
         ctx.mark_non_differentiable(kl)
         return kl * scale, kl
 
@@ -86,9 +90,9 @@ class _LayerKL(torch.autograd.Function):
             if grad.item() != 1.0:
                 grad_w, grad_s = grad_w * grad, grad_s * grad
             return grad_w, grad_s, None
-        weight, w2, sig, exp_neg, unclipped = ctx.saved_tensors
-        # dKL/d log alpha = -K1 K3 sig (1 - sig) - 0.5 sigmoid(-log alpha)
-        d_log_alpha = (sig * (1 - sig)).mul_(-KL_K1 * KL_K3).sub_((exp_neg / (exp_neg + 1)).mul_(0.5))
+        weight, w2, sig, sig_neg, exp_neg, unclipped = ctx.saved_tensors
+        # dKL/d log alpha = -K1 K3 sigmoid(z) sigmoid(-z) - 0.5 sigmoid(-log alpha)
+        d_log_alpha = (sig * sig_neg).mul_(-KL_K1 * KL_K3).sub_((exp_neg / (exp_neg + 1)).mul_(0.5))
         d_log_alpha.mul_(unclipped).mul_(grad * ctx.scale)
         # log alpha = log_sigma2 - log(w^2 + eps): d/d log_sigma2 = 1, d/dw = -2w / (w^2 + eps)
         return d_log_alpha * weight * -2 / w2, d_log_alpha, None
