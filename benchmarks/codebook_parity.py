@@ -114,8 +114,8 @@ def main() -> None:
             size = sum(p.stat().st_size for p in folder.glob("sparse.*"))
             spec_bytes = (folder / "sparse.json").stat().st_size
             row_line(f"sparse {dtype}", size, load_sparse(folder), reference, data.x_test, teacher_bytes, nonzero)
-        # quantized values (export/quantized.py): steps chosen on the training and test images, as the prune
-        # stage does; then chosen with the odd test images left out, whose changed predictions it counts
+        # quantized values (export/quantized.py): steps chosen on the training (near ties aside) and test images,
+        # as the prune stage does; then chosen with the odd test images left out, whose changed predictions it counts
         train = Selection(data.x_train, args.near_tie_margin)
         for name, select in (("quantized", [train, Selection(data.x_test)]),
                              ("quantized, odd test held out", [train, Selection(data.x_test[0::2])])):

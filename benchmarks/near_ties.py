@@ -1,7 +1,8 @@
 """What `export.near_tie_margin` buys: steps and bytes of the quantized sparse export, measured on a finished run.
 
-The quantized export's steps keep every prediction on the training and test images (export/quantized.py); a
-training image on which the student's two largest logits nearly tie can hold a layer to a far finer step. Per
+The quantized export's steps keep every prediction on the test images and on the training images but their near
+ties (export/quantized.py); a training image on which the student's two largest logits nearly tie, held, can
+hold a layer to a far finer step. Per
 margin this prints the layers' steps, the export's bytes and footprint below the teacher, how many training
 images were left out as near ties and how many of those changed, and the test predictions that differ from the
 masked student's (the parity rule: must be 0). Then the same with one synthetic near tie added to the training

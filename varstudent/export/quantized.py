@@ -47,7 +47,7 @@ RULE = ("per layer (most nonzero weights first), the coarsest power-of-two step 
         "selection set equals the unquantized export's")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: == on tensors is not a bool
 class Selection:
     """Input images whose predictions the steps must keep, but for those on which the unquantized export's two
     largest logits differ by less than `near_tie_margin` (0: every image is kept)."""

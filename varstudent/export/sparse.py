@@ -289,8 +289,10 @@ def _quantized_steps(layers: list, spec: dict[str, Any], input_index: torch.Tens
     weights = [m.astype(np.float32) for m in matrices]
     unquantized = logits(weights, biases, [part.x for part in select])
     near_ties = [quantized.top_two_margin(z) < part.near_tie_margin for z, part in zip(unquantized, select)]
-    inputs = [part.x[~tie] for part, tie in zip(select, near_ties)]
+    inputs = [part.x[~tie] if tie.any() else part.x for part, tie in zip(select, near_ties)]  # no copy if none
     reference = torch.cat([z[~tie].argmax(1) for z, tie in zip(unquantized, near_ties)])
+    if not reference.numel():  # every step would pass, rounding nearly every weight to 0
+        raise ValueError("the quantized steps' selection is empty: no input, or every one a near tie")
 
     def predicts(steps: list[int]) -> torch.Tensor:
         return torch.cat([z.argmax(1) for z in logits(rounded(matrices, steps), rounded(biases, steps), inputs)])

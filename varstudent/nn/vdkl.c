@@ -4,7 +4,7 @@
  *   KL = -(K1 * sigmoid(K2 + K3 * log_alpha) - 0.5 * log1p(exp(-log_alpha)) - K1)   (Molchanov et al. 2017)
  * computed as K1 * sigmoid(-z) + 0.5 * log1p(exp(-log_alpha)), z = K2 + K3 * log_alpha, with sigmoid(z) and
  * sigmoid(-z) both from t = exp(-z): 1 - sigmoid(z) in float32 cancels near the upper clip (z ~ 13.8, where
- * it is ~1e-6 and rounds by ~5 %), which put 3e-4 relative errors into the gradient there.
+ * it is ~1e-6 and rounds by ~5 %), which put up to 6e-4 relative error into the weights' gradient there.
  * Returns the summed KL over weights [0, n) and, unless grad_w is NULL, writes scale * dKL/dw and
  * scale * dKL/dlog_sigma2: the loss weight of the term is applied here, not in a second pass over the
  * gradients. With grad_w NULL (a term weighted 0, e.g. the first warm-up epoch) only the value is computed.
