@@ -19,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -69,11 +70,13 @@ def test_prune_selects_quantized_steps_on_the_training_and_test_images(finished:
     assert metrics["export_sparse_bytes"] < float32_bytes
 
 
-def _closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
+@contextmanager
+def _closed_port() -> Iterator[int]:
+    """A loopback port nothing listens on: held bound, never listening, so connecting is refused and no other
+    process (a parallel test's server) can take it meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 def _flip_byte(path: Path, where: float = 0.5) -> None:
@@ -299,12 +302,12 @@ SERVICE_CASES = ["mlflow-http-unreachable", "postgresql-refusing", "mlflow-http-
 ], ids=SERVICE_CASES[:2])
 def test_an_unreachable_tracking_server_is_a_bounded_clear_error(uri: str, what: str, finished: Path,
                                                                  tmp_path: Path) -> None:
-    port = _closed_port()
     shutil.copytree(finished, tmp_path / "artifacts")
     before = _snapshot(tmp_path / "artifacts")
     started = time.monotonic()
-    result = cli("teacher", *_sets("tracking.enabled=true", f"tracking.uri={uri.format(port=port)}",
-                                   "services.retries=1", "services.timeout_s=2"), cwd=tmp_path)
+    with _closed_port() as port:
+        result = cli("teacher", *_sets("tracking.enabled=true", f"tracking.uri={uri.format(port=port)}",
+                                       "services.retries=1", "services.timeout_s=2"), cwd=tmp_path)
     assert_clean_error(result, what.format(port=port), "Connection refused")
     assert "s3cret" not in result.stderr  # the password never reaches a log
     assert time.monotonic() - started < 60  # bounded: 2 attempts, no library retry loop of minutes
