@@ -71,8 +71,8 @@ class _LayerKL(torch.autograd.Function):
         exp_neg = torch.exp(log_alpha.neg_())  # exp(-log alpha); softplus(-a) = log1p(exp(-a))
         kl = 0.5 * torch.log1p(exp_neg).sum() + KL_K1 * sig_neg.sum()
         ctx.scale = scale
-        if with_grad:
-            ctx.save_for_backward(weight, w2, sig, sig_neg, exp_neg, unclipped)
+        if with_grad:  # the backward needs only sigmoid(z) * sigmoid(-z): one saved tensor, not two
+            ctx.save_for_backward(weight, w2, sig.mul_(sig_neg), exp_neg, unclipped)
         ctx.mark_non_differentiable(kl)
         return kl * scale, kl
 
@@ -90,9 +90,9 @@ class _LayerKL(torch.autograd.Function):
             if grad.item() != 1.0:
                 grad_w, grad_s = grad_w * grad, grad_s * grad
             return grad_w, grad_s, None
-        weight, w2, sig, sig_neg, exp_neg, unclipped = ctx.saved_tensors
+        weight, w2, sig_product, exp_neg, unclipped = ctx.saved_tensors
         # dKL/d log alpha = -K1 K3 sigmoid(z) sigmoid(-z) - 0.5 sigmoid(-log alpha)
-        d_log_alpha = (sig * sig_neg).mul_(-KL_K1 * KL_K3).sub_((exp_neg / (exp_neg + 1)).mul_(0.5))
+        d_log_alpha = (sig_product * -(KL_K1 * KL_K3)).sub_((exp_neg / (exp_neg + 1)).mul_(0.5))
         d_log_alpha.mul_(unclipped).mul_(grad * ctx.scale)
         # log alpha = log_sigma2 - log(w^2 + eps): d/d log_sigma2 = 1, d/dw = -2w / (w^2 + eps)
         return d_log_alpha * weight * -2 / w2, d_log_alpha, None
