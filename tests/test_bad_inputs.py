@@ -151,6 +151,8 @@ CASES: list[tuple[str, str, list[str], Setup, tuple[str, ...]]] = [
     ("negative-input-dropout", "teacher", ["teacher.input_dropout=-0.1"], NONE,
      ("teacher.input_dropout: must be >= 0.0",)),
     ("negative-shift", "distill", ["distill.shift=-1"], NONE, ("distill.shift: must be >= 0",)),
+    ("train-clip-as-word", "distill", ["distill.train_clip=maybe"], NONE,
+     ("distill.train_clip: expected true or false",)),
     ("shift-beyond-the-image", "teacher", ["teacher.shift=4"], NONE,
      ("teacher.shift 4 moves 8x8 images", "use at most 3")),
     ("student-shift-beyond-the-image", "distill", ["distill.shift=5"], NONE,

@@ -123,9 +123,11 @@ def deterministic(request):
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def test_graphed_variational_student_with_every_loss_term(deterministic, caplog) -> None:
+@pytest.mark.parametrize("train_clip", [False, True])
+def test_graphed_variational_student_with_every_loss_term(deterministic, train_clip, caplog) -> None:
     from varstudent.losses import BlockSparseRegularizer, LossWeights, kl_warmup, paired_weights, student_loss
     from varstudent.nn.architectures import build_model, build_spec
+    from varstudent.nn.variational import variational_layers
     from varstudent.train import FitSettings, fit
 
     x, y = _data()
@@ -137,6 +139,8 @@ def test_graphed_variational_student_with_every_loss_term(deterministic, caplog)
     for graphs in (False, True):
         torch.manual_seed(0)
         student = build_model(build_spec("mlp-32-16", (1, 8, 8), 4, variational=True)).cuda()
+        for layer in variational_layers(student):  # the kept-weight mask is computed inside the graph too
+            layer.train_clip = train_clip
         bsr = BlockSparseRegularizer(*paired_weights(teacher, student))
 
         def loss_fn(model, logits, targets, index, epoch, bsr=bsr):

@@ -137,3 +137,24 @@ def test_a_shifted_student_gets_the_teachers_logits_on_the_same_shifted_batch(di
     stages.distill(load_params(None, [*settings, "distill.kd_weight=0"]), digits_dir, tmp_path / "teacher",
                    tmp_path / "sparse-vd")
     assert len(moved) == len(hints) > 10 and all(hint is None for hint in hints)
+
+
+def test_distill_trains_the_student_with_train_clip_when_asked(digits_dir: Path, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    from varstudent import losses, stages
+    from varstudent.config import load_params
+    from varstudent.nn.variational import variational_layers
+
+    settings = ["data.dataset=digits", "tracking.enabled=false", "runtime.progress=false",
+                "teacher.arch=mlp-64-64", "teacher.epochs=1", "student.arch=mlp-32-16", "distill.epochs=1",
+                "prune.threshold=2.5"]
+    stages.teacher(load_params(None, settings), digits_dir, tmp_path / "teacher")
+    seen: list[list[float]] = []
+    original_loss = losses.student_loss
+    monkeypatch.setattr(stages, "student_loss", lambda model, *rest: seen.append(
+        [layer.kl_grad_below for layer in variational_layers(model)]) or original_loss(model, *rest))
+    for clip, wanted in [("true", 2.5), ("false", float("inf"))]:
+        seen.clear()
+        stages.distill(load_params(None, [*settings, f"distill.train_clip={clip}"]), digits_dir,
+                       tmp_path / "teacher", tmp_path / f"distill-{clip}")
+        assert len(seen) > 5 and all(step == [wanted] * 3 for step in seen)  # every layer, every step

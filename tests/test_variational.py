@@ -196,3 +196,68 @@ def test_a_second_backward_through_the_fused_kl_says_why() -> None:
     kl.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward.*VARSTUDENT_NO_KERNELS"):
         kl.backward()
+
+
+def _half_pruned(layer: VariationalLayer) -> torch.Tensor:
+    """Sets log alpha to -6 or +6 on a random half of the weights each; returns the keep mask."""
+    torch.manual_seed(1)
+    keep = torch.rand(layer.weight.shape) < 0.5
+    with torch.no_grad():
+        layer.weight.copy_(torch.empty(layer.weight.shape).uniform_(0.1, 0.5) * torch.randn(layer.weight.shape).sign())
+        layer.log_sigma2.copy_(torch.log(layer.weight ** 2) + torch.where(keep, -6.0, 6.0))
+    assert torch.equal(layer.keep_mask(), keep)
+    return keep
+
+
+@pytest.mark.parametrize("make", [lambda: LinearSVD(12, 7), lambda: Conv2dSVD(3, 4, 3, padding=1)],
+                         ids=["linear", "conv"])
+def test_train_clip_drops_pruned_weights_from_the_training_mean(make) -> None:
+    layer = make().train()
+    keep = _half_pruned(layer)
+    x = torch.randn(16, 12) if isinstance(layer, LinearSVD) else torch.randn(16, 3, 6, 6)
+    std = (layer._op(x * x, torch.exp(layer.log_sigma2), None) + 1e-8).sqrt().detach()
+    full, kept = (layer._op(x, w, layer.bias).detach() for w in (layer.weight, layer.weight * keep))
+    assert (full - kept).abs().max() > 0.1  # the pruned weights matter to the output
+
+    def drawn(out: torch.Tensor) -> torch.Tensor:  # the noise the layer drew: both paths draw it last
+        torch.manual_seed(7)
+        return torch.randn(out.shape)
+
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.testing.assert_close(out, full + std * drawn(out), atol=1e-4, rtol=1e-4)  # off: every weight's mean
+    layer.train_clip = True
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.testing.assert_close(out, kept + std * drawn(out), atol=1e-4, rtol=1e-4)  # on: the kept ones only
+    grad_w, grad_s = torch.autograd.grad(out.sum(), [layer.weight, layer.log_sigma2])
+    assert torch.all(grad_w[~keep] == 0) and torch.any(grad_w[keep] != 0)  # no mean gradient for pruned ones
+    assert torch.any(grad_s[~keep] != 0)  # their variance still trains: a pruned weight can come back
+
+
+@pytest.mark.parametrize("path", ["c_kernel", "pytorch"])
+def test_train_clip_stops_the_kl_gradient_of_pruned_weights(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from varstudent.nn import variational
+
+    if path == "pytorch":
+        monkeypatch.setattr(variational, "vdkl_kernel", lambda: None)
+    elif variational.vdkl_kernel() is None:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
+    net = torch.nn.Sequential(LinearSVD(300, 400), torch.nn.ReLU(), LinearSVD(400, 3))  # several kernel chunks
+    torch.manual_seed(2)
+    for layer in (net[0], net[2]):
+        with torch.no_grad():
+            layer.log_sigma2.copy_(torch.log(layer.weight ** 2 + 1e-8) + torch.randn(layer.weight.shape) * 4)
+    params = [p for p in net.parameters() if p.dim() == 2]
+    plain_value, _ = weighted_kl(net, 0.5)
+    plain = torch.autograd.grad(plain_value, params)
+    for layer in (net[0], net[2]):
+        layer.train_clip = True
+    clipped_value, report = weighted_kl(net, 0.5)
+    clipped = torch.autograd.grad(clipped_value, params)
+    torch.testing.assert_close(clipped_value.detach(), plain_value.detach())  # the value still counts them all
+    masks = [layer.keep_mask() for layer in (net[0], net[2]) for _ in range(2)]  # weight, log_sigma2 per layer
+    for got, ref, keep in zip(clipped, plain, masks):
+        assert 0 < keep.sum() < keep.numel()
+        assert torch.all(got[~keep] == 0) and torch.any(ref[~keep] != 0)
+        torch.testing.assert_close(got[keep], ref[keep])

@@ -116,6 +116,9 @@ class DistillConfig:
     converge_tol: float = _f(1e-3, "stop once the relative change of the epoch loss stays below this",
                              lo=0.0)
     patience: int = _f(3, "... for this many consecutive epochs after the KL warm-up", lo=1)
+    train_clip: bool = _f(False, "weights whose log alpha reaches prune.threshold are zero in the training "
+                          "forward too and get no KL gradient (the reference code's train_clip): the student "
+                          "trains as it will be pruned")
     shift: int = _f(0, "student training images are shifted by up to this many pixels each way (random, zero "
                     "fill), the teacher's hint computed on the same shifted batch (a teacher forward per step "
                     "instead of cached logits); 0 = off", lo=0, hi=16)

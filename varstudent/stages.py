@@ -203,6 +203,8 @@ def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path,
         raise ConfigError(f"the student ({params.student.arch}, {n_student:,} weights) must have fewer "
                           f"weights than the teacher ({teacher_net.spec['arch']}, {n_teacher:,})")
     student = build_model(spec).to(device)
+    for layer in variational_layers(student):
+        layer.train_clip = cfg.train_clip
     shift = _shifter("distill.shift", cfg.shift, data.input_shape)
     # the teacher is frozen: on unaugmented data its logits are computed once, not per step; on shifted images
     # it sees the same shifted batch as the student, one teacher forward per step (consistent views)

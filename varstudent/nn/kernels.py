@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -100,7 +101,7 @@ def _function(library: str, name: str, restype, argtypes: list):
 def vdkl_kernel():
     """The compiled `vd_kl` function, or None when kernels are off or cannot be built here."""
     return _function("vdkl", "vd_kl", ctypes.c_double,
-                     [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_float, ctypes.c_float, ctypes.c_int])
+                     [ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_float] * 3 + [ctypes.c_int])
 
 
 @cache
@@ -136,12 +137,13 @@ def bsr_linf(blocks: torch.Tensor, teacher_max: torch.Tensor, shape: torch.Size,
 
 
 def vd_kl(weight: torch.Tensor, log_sigma2: torch.Tensor, clip: float, scale: float,
-          with_grad: bool) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+          with_grad: bool, grad_below: float = math.inf) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
     """(summed KL, scale * dKL/dweight, scale * dKL/dlog_sigma2) by the C kernel, the gradients None without
-    with_grad. Contiguous float32 CPU tensors, and only where `vdkl_kernel()` is not None."""
+    with_grad, and zero where log alpha >= grad_below. Contiguous float32 CPU tensors, and only where
+    `vdkl_kernel()` is not None."""
     grad_w = torch.empty_like(weight) if with_grad else None
     grad_s = torch.empty_like(log_sigma2) if with_grad else None
     kl = vdkl_kernel()(weight.data_ptr(), log_sigma2.data_ptr(), grad_w.data_ptr() if with_grad else None,
-                       grad_s.data_ptr() if with_grad else None, weight.numel(), clip, scale,
+                       grad_s.data_ptr() if with_grad else None, weight.numel(), clip, grad_below, scale,
                        torch.get_num_threads())
     return kl, grad_w, grad_s

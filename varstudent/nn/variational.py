@@ -8,6 +8,8 @@ log alpha >= threshold are zero and the rest act as a plain dense layer.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,18 +42,20 @@ class _LayerKL(torch.autograd.Function):
     already times `scale` (the term's loss weight): where the scaled KL is added straight into the loss, as
     `weighted_kl` lets the student loss do, the gradient arriving here is exactly 1 and the backward returns
     the kernel's tensors untouched - no extra pass to scale them. Elsewhere, or without a compiler, the
-    PyTorch code below (about half autograd's time) runs. scale == 0 computes the value only.
+    PyTorch code below (about half autograd's time) runs. scale == 0 computes the value only. Weights with
+    log alpha >= grad_below get no gradient (`distill.train_clip`: pruned in training; math.inf = none); the
+    value still counts them.
     """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, log_sigma2: torch.Tensor,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, weight: torch.Tensor, log_sigma2: torch.Tensor, scale: float,
+                grad_below: float = math.inf) -> tuple[torch.Tensor, torch.Tensor]:
         with_grad = scale != 0 and (weight.requires_grad or log_sigma2.requires_grad)
         ctx.with_grad = with_grad
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and vdkl_kernel() is not None:
             # one fused C pass computes the value and both gradients
             kl_sum, grad_w, grad_s = vd_kl(weight.detach().contiguous(), log_sigma2.detach().contiguous(),
-                                           LOG_ALPHA_CLIP, scale, with_grad)
+                                           LOG_ALPHA_CLIP, scale, with_grad, grad_below)
             ctx.fused = True
             # kept as attributes, not saved tensors: backward hands them on and drops its own reference, so
             # autograd can add the layer's data gradient into them in place instead of into a new tensor
@@ -63,6 +67,8 @@ class _LayerKL(torch.autograd.Function):
         w2 = (weight * weight).add_(1e-8)
         log_alpha = torch.log(w2).neg_().add_(log_sigma2)
         unclipped = log_alpha.abs() < LOG_ALPHA_CLIP  # the clip passes no gradient
+        if grad_below < LOG_ALPHA_CLIP:  # nor does a weight pruned in training
+            unclipped &= log_alpha < grad_below
         log_alpha.clamp_(-LOG_ALPHA_CLIP, LOG_ALPHA_CLIP)
         # sigmoid(z) and sigmoid(-z), z = K2 + K3 log alpha, from one exp, as in vdkl.c (no 1 - sigmoid)
         sig_neg = torch.exp(log_alpha * -KL_K3 - KL_K2)
@@ -78,9 +84,10 @@ class _LayerKL(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                                     None, None]:
         if not ctx.with_grad:
-            return None, None, None
+            return None, None, None, None
         if ctx.fused:  # CPU: a 0-d gradient is read without a device sync
             if not hasattr(ctx, "kernel_grads"):
                 raise RuntimeError("a second backward through the same fused VD KL (retain_graph): its gradients "
@@ -89,13 +96,13 @@ class _LayerKL(torch.autograd.Function):
             del ctx.kernel_grads
             if grad.item() != 1.0:
                 grad_w, grad_s = grad_w * grad, grad_s * grad
-            return grad_w, grad_s, None
+            return grad_w, grad_s, None, None
         weight, w2, sig_product, exp_neg, unclipped = ctx.saved_tensors
         # dKL/d log alpha = -K1 K3 sigmoid(z) sigmoid(-z) - 0.5 sigmoid(-log alpha)
         d_log_alpha = (sig_product * -(KL_K1 * KL_K3)).sub_((exp_neg / (exp_neg + 1)).mul_(0.5))
         d_log_alpha.mul_(unclipped).mul_(grad * ctx.scale)
         # log alpha = log_sigma2 - log(w^2 + eps): d/d log_sigma2 = 1, d/dw = -2w / (w^2 + eps)
-        return d_log_alpha * weight * -2 / w2, d_log_alpha, None
+        return d_log_alpha * weight * -2 / w2, d_log_alpha, None, None
 
 
 class _LinearLRT(torch.autograd.Function):
@@ -145,6 +152,9 @@ class VariationalLayer(nn.Module):
         self.log_sigma2 = nn.Parameter(torch.full(weight_shape, LOG_SIGMA2_INIT))
         self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
         self.threshold = threshold
+        # distill.train_clip: while training too, weights at or past the threshold are zero in the mean and get
+        # no KL gradient (the reference code's train_clip); their variance still trains, so one can come back
+        self.train_clip = False
         fan_in = weight_shape[1] * (weight_shape[2] * weight_shape[3] if len(weight_shape) == 4 else 1)
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear / nn.Conv2d's default init
         if self.bias is not None:
@@ -159,7 +169,20 @@ class VariationalLayer(nn.Module):
 
     def kl(self) -> torch.Tensor:
         """sum over weights of kl_approx(log_alpha), with a fused backward (see _LayerKL)."""
-        return _LayerKL.apply(self.weight, self.log_sigma2, 1.0)[0]
+        return _LayerKL.apply(self.weight, self.log_sigma2, 1.0, self.kl_grad_below)[0]
+
+    @property
+    def kl_grad_below(self) -> float:
+        """log alpha from which the KL passes no gradient: the threshold under train_clip, else none."""
+        return self.threshold if self.train_clip else math.inf
+
+    def training_weight(self) -> torch.Tensor:
+        """The mean's weight while training: the weight, or under train_clip the kept weights only."""
+        if not self.train_clip:
+            return self.weight
+        with torch.no_grad():
+            keep = self.keep_mask()
+        return self.weight * keep
 
     def keep_mask(self) -> torch.Tensor:
         """True for the weights that survive at evaluation (log alpha < threshold)."""
@@ -174,7 +197,7 @@ class VariationalLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self._op(x, self.masked_weight(), self.bias)
-        mean = self._op(x, self.weight, self.bias)
+        mean = self._op(x, self.training_weight(), self.bias)
         var = self._op(x * x, torch.exp(self.log_sigma2), None) + VAR_EPS
         return mean + torch.sqrt(var) * torch.randn_like(mean)
 
@@ -189,7 +212,7 @@ class LinearSVD(VariationalLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.device.type == "cpu" and x.dim() == 2:
-            return _LinearLRT.apply(x, self.weight, self.log_sigma2, self.bias)
+            return _LinearLRT.apply(x, self.training_weight(), self.log_sigma2, self.bias)
         return super().forward(x)
 
     def extra_repr(self) -> str:
@@ -232,5 +255,6 @@ def weighted_kl(model: nn.Module, scale: float) -> tuple[torch.Tensor, torch.Ten
     layers = variational_layers(model)
     if not layers:
         return torch.zeros(()), torch.zeros(())
-    weighted, plain = zip(*(_LayerKL.apply(layer.weight, layer.log_sigma2, scale) for layer in layers))
+    weighted, plain = zip(*(_LayerKL.apply(layer.weight, layer.log_sigma2, scale, layer.kl_grad_below)
+                            for layer in layers))
     return sum(weighted[1:], weighted[0]), sum(plain[1:], plain[0])

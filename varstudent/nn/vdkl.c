@@ -5,6 +5,8 @@
  * computed as K1 * sigmoid(-z) + 0.5 * log1p(exp(-log_alpha)), z = K2 + K3 * log_alpha, with sigmoid(z) and
  * sigmoid(-z) both from t = exp(-z): 1 - sigmoid(z) in float32 cancels near the upper clip (z ~ 13.8, where
  * it is ~1e-6 and rounds by ~5 %), which put up to 6e-4 relative error into the weights' gradient there.
+ * Weights with log_alpha >= grad_below (before the clip) get no gradient: the training-time pruning of
+ * `distill.train_clip` (pass +INFINITY for none).
  * Returns the summed KL over weights [0, n) and, unless grad_w is NULL, writes scale * dKL/dw and
  * scale * dKL/dlog_sigma2: the loss weight of the term is applied here, not in a second pass over the
  * gradients. With grad_w NULL (a term weighted 0, e.g. the first warm-up epoch) only the value is computed.
@@ -24,7 +26,7 @@
 #define K3 1.48695f
 
 static double kl_chunk(const float *restrict w, const float *restrict log_sigma2, float *restrict grad_w,
-                       float *restrict grad_log_sigma2, long n, float clip, float scale) {
+                       float *restrict grad_log_sigma2, long n, float clip, float grad_below, float scale) {
     double total = 0.0;
     if (grad_w == NULL) {
 #pragma omp simd reduction(+ : total)
@@ -40,7 +42,8 @@ static double kl_chunk(const float *restrict w, const float *restrict log_sigma2
     for (long i = 0; i < n; i++) {
         float w2 = w[i] * w[i] + 1e-8f;
         float log_alpha = log_sigma2[i] - logf(w2);
-        float unclipped = fabsf(log_alpha) < clip ? scale : 0.0f; /* the clip passes no gradient */
+        /* the clip passes no gradient, nor does a weight pruned in training */
+        float unclipped = fabsf(log_alpha) < clip && log_alpha < grad_below ? scale : 0.0f;
         log_alpha = fminf(fmaxf(log_alpha, -clip), clip);
         float t = expf(-(K2 + K3 * log_alpha));
         float sig = 1.0f / (1.0f + t), sig_neg = t * sig; /* sigmoid(z), sigmoid(-z) */
@@ -57,7 +60,7 @@ static double kl_chunk(const float *restrict w, const float *restrict log_sigma2
 #define MAX_CHUNKS 4096L
 
 double vd_kl(const float *w, const float *log_sigma2, float *grad_w, float *grad_log_sigma2, long n,
-             float clip, float scale, int threads) {
+             float clip, float grad_below, float scale, int threads) {
     /* Per-chunk sums added in chunk order: the value does not depend on the number of threads. */
     double partial[MAX_CHUNKS];
     long chunks = (n + CHUNK - 1) / CHUNK;
@@ -66,7 +69,7 @@ double vd_kl(const float *w, const float *log_sigma2, float *grad_w, float *grad
         for (long start = 0; start < n; start += CHUNK * MAX_CHUNKS) {
             long count = n - start < CHUNK * MAX_CHUNKS ? n - start : CHUNK * MAX_CHUNKS;
             total += vd_kl(w + start, log_sigma2 + start, grad_w ? grad_w + start : NULL,
-                           grad_w ? grad_log_sigma2 + start : NULL, count, clip, scale, threads);
+                           grad_w ? grad_log_sigma2 + start : NULL, count, clip, grad_below, scale, threads);
         }
         return total;
     }
@@ -74,7 +77,7 @@ double vd_kl(const float *w, const float *log_sigma2, float *grad_w, float *grad
     for (long c = 0; c < chunks; c++) {
         long start = c * CHUNK, count = n - start < CHUNK ? n - start : CHUNK;
         partial[c] = kl_chunk(w + start, log_sigma2 + start, grad_w ? grad_w + start : NULL,
-                              grad_w ? grad_log_sigma2 + start : NULL, count, clip, scale);
+                              grad_w ? grad_log_sigma2 + start : NULL, count, clip, grad_below, scale);
     }
     double total = 0.0;
     for (long c = 0; c < chunks; c++) total += partial[c];
