@@ -1,10 +1,11 @@
-"""Seconds per epoch: dense student vs variational student (VD), + KD, + BSR, through the real `fit`.
+"""Seconds per epoch: dense student vs variational student (VD), + KD, + BSR, + train_clip (params.yaml's
+default), through the real `fit`.
 
 Targets (foundation issue): a distillation epoch <= 2.2x a dense-student epoch of the same architecture
 and batch; BSR adds <= 10% to an epoch.
 
     python benchmarks/epoch_speed.py                 # full MNIST in artifacts/prepare, 2 epochs each
-    python benchmarks/epoch_speed.py --epochs 3 --rounds 3   # the five configurations 3 times, interleaved
+    python benchmarks/epoch_speed.py --epochs 3 --rounds 3   # the six configurations 3 times, interleaved
 
 Epoch times on a shared 2-core machine move by 10-30 % between minutes, so with --rounds each ratio is the
 median of the ratios within a round (configurations run back to back), with their range.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from varstudent.data import load_prepared
 from varstudent.losses import BlockSparseRegularizer, LossWeights, paired_weights, student_loss
 from varstudent.nn.architectures import build_model, build_spec
+from varstudent.nn.variational import variational_layers
 from varstudent.train import FitSettings, fit
 
 
@@ -32,7 +34,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="mlp-1200-1200")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=1, help="run the five configurations K times")
+    parser.add_argument("--rounds", type=int, default=1, help="run the six configurations K times")
     args = parser.parse_args()
     data = load_prepared(Path(args.data))
     x, y, n = data.x_train, data.y_train, data.x_train.shape[0]
@@ -40,9 +42,11 @@ def main() -> None:
     teacher_logits = torch.randn(n, data.num_classes)  # the values do not change the cost
     settings = FitSettings(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, progress=False)
 
-    def timed(variational: bool, kd: float, vd: float, bsr_weight: float) -> float:
+    def timed(variational: bool, kd: float, vd: float, bsr_weight: float, train_clip: bool = False) -> float:
         torch.manual_seed(0)
         model = build_model(build_spec(args.student, data.input_shape, data.num_classes, variational=variational))
+        for layer in variational_layers(model):  # the mask costs the same whatever share it drops
+            layer.train_clip = train_clip
         if not variational:
             def loss_fn(m, logits, targets, index, epoch):
                 loss = F.cross_entropy(logits, targets)
@@ -58,7 +62,7 @@ def main() -> None:
 
     configurations = [("dense student (CE)", (False, 0, 0, 0)), ("VD layers, CE only", (True, 0, 0, 0)),
                       ("Sparse VD (CE + KL)", (True, 0, 1, 0)), ("VS (CE + KD + KL)", (True, 1, 1, 0)),
-                      ("VS + BSR", (True, 1, 1, 1e-5))]
+                      ("VS + BSR", (True, 1, 1, 1e-5)), ("VS + BSR, train_clip", (True, 1, 1, 1e-5, True))]
     rounds = [[timed(*setting) for _, setting in configurations] for _ in range(args.rounds)]
     print(f"{args.student} on {n} samples, batch {args.batch_size}, {torch.get_num_threads()} threads, "
           f"median of {args.epochs} epochs" + (f"; {args.rounds} rounds, medians [range]" if args.rounds > 1 else "")
@@ -69,6 +73,8 @@ def main() -> None:
         print(f"| {name} | {_spread(seconds, '.2f')} | {_spread([r[i] / r[0] for r in rounds], '.2f')} |")
     overhead = [100 * (r[4] / r[3] - 1) for r in rounds]
     print(f"\nBSR overhead: {_spread(overhead, '+.1f')} % of a VS epoch")
+    clip = [100 * (r[5] / r[4] - 1) for r in rounds]
+    print(f"train_clip overhead: {_spread(clip, '+.1f')} % of a VS + BSR epoch")
 
 
 def _spread(values: list[float], fmt: str) -> str:

@@ -119,9 +119,10 @@ def test_epoch_speed_interleaves_rounds_and_reports_ranges(digits_dir: Path) -> 
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "configuration" not in line]
-    assert len(rows) == 5 and "2 rounds" in done.stdout
+    assert len(rows) == 6 and "2 rounds" in done.stdout
     assert rows[0].endswith("| 1.00 [1.00 - 1.00] |")  # the dense student is its own baseline in every round
     assert "BSR overhead:" in done.stdout and "[" in done.stdout.split("BSR overhead:")[1]
+    assert "train_clip overhead:" in done.stdout
 
 
 def test_front_plot_reads_every_row_of_a_folder_and_keeps_the_non_dominated(tmp_path: Path) -> None:

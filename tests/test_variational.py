@@ -122,10 +122,21 @@ def test_kernel_kl_does_not_depend_on_the_thread_count() -> None:
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_cpu_linear_training_forward_matches_autograd(bias: bool, input_grad: bool) -> None:
+@pytest.mark.parametrize("train_clip", ["off", "c_kernel", "pytorch"])
+def test_cpu_linear_training_forward_matches_autograd(bias: bool, input_grad: bool, train_clip: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from varstudent.nn import variational
+
+    if train_clip == "pytorch":
+        monkeypatch.setattr(variational, "keep_weights_kernel", lambda: None)
+    elif train_clip == "c_kernel" and variational.keep_weights_kernel() is None:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
     layer = LinearSVD(30, 20, bias=bias).train()
     with torch.no_grad():
         layer.log_sigma2.uniform_(-6, 0)  # noise large enough that its gradient path matters
+        layer.weight[:, ::3] *= 1e-3  # a third of the weights far past the threshold (log alpha >= ~8)
+    layer.train_clip = train_clip != "off"
+    assert 0.3 < layer.keep_mask().float().mean() < 0.7
     x = torch.randn(8, 30, requires_grad=input_grad)
     weight_out = torch.randn(8, 20)  # a loss with a different weight on every output
     wanted = [t for t in (x, layer.weight, layer.log_sigma2, layer.bias) if t is not None and t.requires_grad]

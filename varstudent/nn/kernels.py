@@ -105,6 +105,24 @@ def vdkl_kernel():
 
 
 @cache
+def keep_weights_kernel():
+    """The compiled `keep_weights` function (vdkl.c), or None when kernels are off or cannot be built here."""
+    return _function("vdkl", "keep_weights", None,
+                     [ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_float] * 2 + [ctypes.c_int])
+
+
+def keep_weights(weight: torch.Tensor, log_sigma2: torch.Tensor, clip: float,
+                 threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight where log alpha < threshold else 0, that keep mask as bool) by the C kernel, no autograd.
+    Contiguous float32 CPU tensors, and only where `keep_weights_kernel()` is not None."""
+    masked = torch.empty_like(weight)
+    keep = torch.empty(weight.shape, dtype=torch.bool)
+    keep_weights_kernel()(weight.data_ptr(), log_sigma2.data_ptr(), masked.data_ptr(), keep.data_ptr(),
+                          weight.numel(), clip, threshold, torch.get_num_threads())
+    return masked, keep
+
+
+@cache
 def bsr_linf_kernel():
     """The compiled `bsr_linf` function, or None when kernels are off or cannot be built here."""
     return _function("blockmax", "bsr_linf", ctypes.c_double,

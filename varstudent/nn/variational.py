@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from varstudent.nn.kernels import vd_kl, vdkl_kernel
+from varstudent.nn.kernels import keep_weights, keep_weights_kernel, vd_kl, vdkl_kernel
 
 # -KL(q || log-uniform prior) ~= K1 * sigmoid(K2 + K3 * log_alpha) - 0.5 * log1p(exp(-log_alpha)) - K1
 # (Molchanov et al. 2017, eq. 14; the fit is accurate to 1e-2 over all log alpha).
@@ -114,20 +114,23 @@ class _LinearLRT(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, log_sigma2: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, log_sigma2: torch.Tensor, bias: torch.Tensor | None,
+                kept: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        # train_clip: the mean uses `kept` (the weight, zero where pruned) and the weight's gradient is masked by
+        # `keep` here, in place, instead of through an autograd product
         sigma2 = torch.exp(log_sigma2)
         x2 = x * x
-        mean = F.linear(x, weight, bias)
+        mean_weight = weight if kept is None else kept
+        mean = F.linear(x, mean_weight, bias)
         std = torch.mm(x2, sigma2.t()).add_(VAR_EPS).sqrt_()
         noise = torch.randn_like(mean)
-        ctx.save_for_backward(x, x2, weight, sigma2, std, noise)
+        ctx.save_for_backward(x, x2, mean_weight, sigma2, std, noise, keep)
         return mean.addcmul_(std, noise)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, x2, weight, sigma2, std, noise = ctx.saved_tensors
+        x, x2, weight, sigma2, std, noise, keep = ctx.saved_tensors
         # d out / d var = noise / (2 std), computed in noise's memory: a second backward through this node
         # (retain_graph) therefore fails autograd's in-place check rather than computing with a changed noise
         grad_var = noise.div_(std).mul_(grad).mul_(0.5)
@@ -135,9 +138,11 @@ class _LinearLRT(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # through the mean, and through x^2 in the variance: 2x (grad_var sigma^2)
             grad_x = torch.mm(grad, weight).addcmul_(torch.mm(grad_var, sigma2), x, value=2.0)
         grad_w = torch.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
+        if grad_w is not None and keep is not None:
+            grad_w.mul_(keep)
         grad_s = torch.mm(grad_var.t(), x2).mul_(sigma2) if ctx.needs_input_grad[2] else None
         grad_b = grad.sum(0) if ctx.needs_input_grad[3] else None
-        return grad_x, grad_w, grad_s, grad_b
+        return grad_x, grad_w, grad_s, grad_b, None, None
 
 
 class VariationalLayer(nn.Module):
@@ -212,7 +217,17 @@ class LinearSVD(VariationalLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.device.type == "cpu" and x.dim() == 2:
-            return _LinearLRT.apply(x, self.training_weight(), self.log_sigma2, self.bias)
+            if not self.train_clip:
+                return _LinearLRT.apply(x, self.weight, self.log_sigma2, self.bias)
+            if (keep_weights_kernel() is not None and self.weight.dtype == torch.float32
+                    and self.weight.is_contiguous() and self.log_sigma2.is_contiguous()):
+                kept, keep = keep_weights(self.weight.detach(), self.log_sigma2.detach(), LOG_ALPHA_CLIP,
+                                          self.threshold)
+            else:
+                with torch.no_grad():
+                    keep = self.keep_mask()
+                    kept = self.weight * keep
+            return _LinearLRT.apply(x, self.weight, self.log_sigma2, self.bias, kept, keep)
         return super().forward(x)
 
     def extra_repr(self) -> str:

@@ -83,3 +83,28 @@ double vd_kl(const float *w, const float *log_sigma2, float *grad_w, float *grad
     for (long c = 0; c < chunks; c++) total += partial[c];
     return total;
 }
+
+/* distill.train_clip, the mean's weight of a training step: masked[i] = w[i] where log alpha (clipped as above)
+ * is below threshold, else 0, and keep[i] = 1 or 0 - one pass, where PyTorch's keep mask took eight (log alpha,
+ * the comparison, the product and its backward; +34 % on a CPU epoch of the MNIST MLP). */
+static void keep_chunk(const float *restrict w, const float *restrict log_sigma2, float *restrict masked,
+                       unsigned char *restrict keep, long n, float clip, float threshold) {
+#pragma omp simd
+    for (long i = 0; i < n; i++) {
+        float log_alpha = log_sigma2[i] - logf(w[i] * w[i] + 1e-8f);
+        log_alpha = fminf(fmaxf(log_alpha, -clip), clip);
+        int k = log_alpha < threshold;
+        keep[i] = (unsigned char)k;
+        masked[i] = k ? w[i] : 0.0f;
+    }
+}
+
+void keep_weights(const float *w, const float *log_sigma2, float *masked, unsigned char *keep, long n, float clip,
+                  float threshold, int threads) {
+    long chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static) num_threads(threads) if (chunks > 1)
+    for (long c = 0; c < chunks; c++) {
+        long start = c * CHUNK, count = n - start < CHUNK ? n - start : CHUNK;
+        keep_chunk(w + start, log_sigma2 + start, masked + start, keep + start, count, clip, threshold);
+    }
+}
