@@ -47,6 +47,7 @@ def main() -> None:
         model = build_model(build_spec(args.student, data.input_shape, data.num_classes, variational=variational))
         for layer in variational_layers(model):  # the mask costs the same whatever share it drops
             layer.train_clip = train_clip
+            layer.kl_in_forward = vd > 0  # as the distill stage sets it
         if not variational:
             def loss_fn(m, logits, targets, index, epoch):
                 loss = F.cross_entropy(logits, targets)

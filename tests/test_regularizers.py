@@ -158,3 +158,11 @@ def test_distill_trains_the_student_with_train_clip_when_asked(digits_dir: Path,
         stages.distill(load_params(None, [*settings, f"distill.train_clip={clip}"]), digits_dir,
                        tmp_path / "teacher", tmp_path / f"distill-{clip}")
         assert len(seen) > 5 and all(step == [wanted] * 3 for step in seen)  # every layer, every step
+    seen.clear()  # the forward computes the KL for the loss only where the loss has a KL term
+    monkeypatch.setattr(stages, "student_loss", lambda model, *rest: seen.append(
+        [layer.kl_in_forward for layer in variational_layers(model)]) or original_loss(model, *rest))
+    for vd_weight, wanted in [("0", False), ("1.5", True)]:
+        seen.clear()
+        stages.distill(load_params(None, [*settings, f"distill.vd_weight={vd_weight}"]), digits_dir,
+                       tmp_path / "teacher", tmp_path / f"distill-vd{vd_weight}")
+        assert len(seen) > 5 and all(step == [wanted] * 3 for step in seen)

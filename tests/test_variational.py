@@ -100,7 +100,7 @@ def test_loading_the_kernels_leaves_subnormal_floats_alone() -> None:
 
 
 def test_kernel_kl_does_not_depend_on_the_thread_count() -> None:
-    from varstudent.nn.kernels import vdkl_kernel
+    from varstudent.nn.kernels import vd_step_kernel, vdkl_kernel
 
     if vdkl_kernel() is None:
         pytest.skip("no C compiler: the kernel path cannot be built here")
@@ -114,28 +114,42 @@ def test_kernel_kl_does_not_depend_on_the_thread_count() -> None:
             torch.set_num_threads(threads)
             kl = layer.kl()
             results.append((kl.detach(), *torch.autograd.grad(kl, [layer.weight, layer.log_sigma2])))
+            if vd_step_kernel() is not None:  # the fused training step's KL (vd_step, vd_step_grads) too
+                layer.train()(torch.zeros(2, 500))
+                kl = weighted_kl(layer, 1.0)[0]
+                assert kl.grad_fn.next_functions[0][0].name() == "_LinearVDStepBackward"
+                results[-1] += (kl.detach(), *torch.autograd.grad(kl, [layer.weight, layer.log_sigma2]))
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))  # bit for bit
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("input_grad", [True, False])
-@pytest.mark.parametrize("train_clip", ["off", "c_kernel", "pytorch"])
-def test_cpu_linear_training_forward_matches_autograd(bias: bool, input_grad: bool, train_clip: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def _kernel_path(path: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Selects a LinearSVD CPU training path; returns the name of its backward node.
+    fused: _LinearVDStep (the vd_step kernels); pytorch: _LinearLRT and _LayerKL in PyTorch (no compiler)."""
     from varstudent.nn import variational
 
-    if train_clip == "pytorch":
-        monkeypatch.setattr(variational, "keep_weights_kernel", lambda: None)
-    elif train_clip == "c_kernel" and variational.keep_weights_kernel() is None:
+    if path == "pytorch":
+        monkeypatch.setattr(variational, "vd_step_kernel", lambda: None)
+        monkeypatch.setattr(variational, "vdkl_kernel", lambda: None)
+    elif variational.vd_step_kernel() is None:
         pytest.skip("no C compiler: the kernel path cannot be built here")
+    return "_LinearVDStepBackward" if path == "fused" else "_LinearLRTBackward"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+@pytest.mark.parametrize("train_clip", [False, True])
+@pytest.mark.parametrize("path", ["fused", "pytorch"])
+def test_cpu_linear_training_forward_matches_autograd(bias: bool, input_grad: bool, train_clip: bool, path: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    backward_node = _kernel_path(path, monkeypatch)
     layer = LinearSVD(30, 20, bias=bias).train()
     with torch.no_grad():
         layer.log_sigma2.uniform_(-6, 0)  # noise large enough that its gradient path matters
         layer.weight[:, ::3] *= 1e-3  # a third of the weights far past the threshold (log alpha >= ~8)
-    layer.train_clip = train_clip != "off"
+    layer.train_clip = train_clip
     assert 0.3 < layer.keep_mask().float().mean() < 0.7
     x = torch.randn(8, 30, requires_grad=input_grad)
     weight_out = torch.randn(8, 20)  # a loss with a different weight on every output
@@ -145,11 +159,85 @@ def test_cpu_linear_training_forward_matches_autograd(bias: bool, input_grad: bo
     ref_grads = torch.autograd.grad((reference * weight_out).pow(2).sum(), wanted)
     torch.manual_seed(3)
     got = layer(x)
-    assert type(got.grad_fn).__name__ == "_LinearLRTBackward"  # the hand-written backward is what ran
-    grads = torch.autograd.grad((got * weight_out).pow(2).sum(), wanted)
+    assert type(got.grad_fn).__name__ == backward_node  # the hand-written backward is what ran
+    grads = torch.autograd.grad((got * weight_out).pow(2).sum(), wanted)  # the fused KL output unused: no KL
     torch.testing.assert_close(got, reference)  # same noise drawn at the same point
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32, summed in another order
+
+
+@pytest.mark.parametrize("train_clip", [False, True])
+@pytest.mark.parametrize("scale", [0.0, 0.3, 40.0])  # 40: the KL's gradient outweighs the data's
+def test_fused_step_gradient_is_the_data_and_kl_gradient(train_clip: bool, scale: float,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """One training step's loss, data term + scale * KL through weighted_kl, as the student loss builds it:
+    the fused node (forward's KL taken up by weighted_kl) gives autograd's gradient through the generic path
+    and kl_approx, on a network with layers of one and of several kernel chunks."""
+    _kernel_path("fused", monkeypatch)
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(LinearSVD(300, 400), torch.nn.ReLU(), LinearSVD(400, 3)).train()
+    for layer in (net[0], net[2]):
+        with torch.no_grad():  # log alpha spread over [-12, 12]: clipped, pruned and kept weights all present
+            spread = torch.empty(layer.weight.shape).uniform_(-12, 12)
+            layer.log_sigma2.copy_(torch.log(layer.weight ** 2 + 1e-8) + spread)
+        layer.train_clip = train_clip
+    x, targets = torch.randn(16, 300), torch.randint(0, 3, (16,))
+    params = list(net.parameters())
+
+    def loss(forward, node: str) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(5)
+        out = forward(x)
+        assert type(out.grad_fn).__name__ == node  # the path under test is the one that ran
+        weighted, plain = weighted_kl(net, scale)
+        return torch.nn.functional.cross_entropy(out, targets) + weighted, plain
+
+    def generic(inputs: torch.Tensor) -> torch.Tensor:
+        return VariationalLayer.forward(net[2], net[1](VariationalLayer.forward(net[0], inputs)))
+
+    assert net[0].take_step_kl() is None  # nothing offered before a forward
+    ref_loss, ref_kl = loss(generic, "AddBackward0")  # no fused forward ran: weighted_kl computes the KL
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    got_loss, got_kl = loss(net, "_LinearVDStepBackward")
+    got_grads = torch.autograd.grad(got_loss, params)
+    torch.testing.assert_close(got_kl, ref_kl)
+    torch.testing.assert_close(got_loss, ref_loss)
+    for got, ref in zip(got_grads, ref_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    if train_clip:  # pruned weights: no gradient at all for their mean
+        keep = net[0].keep_mask()
+        assert torch.all(got_grads[0][~keep] == 0) and 0 < keep.sum() < keep.numel()
+
+
+def test_the_forward_kl_is_offered_once_and_only_while_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    _kernel_path("fused", monkeypatch)
+    layer = LinearSVD(20, 10).train()
+    x = torch.randn(4, 20)
+    layer(x)
+    offered = layer.take_step_kl()
+    torch.testing.assert_close(offered.detach(), layer.kl().detach())  # the layer's KL, as computed afresh
+    assert layer.take_step_kl() is None  # once: a second loss from one forward computes it again
+
+    def check_gone(event) -> None:
+        layer(x)
+        event()
+        assert layer.take_step_kl() is None
+
+    def update() -> None:  # an optimizer-like in-place change of the parameters since the forward
+        with torch.no_grad():
+            layer.log_sigma2.add_(1)
+
+    check_gone(update)
+    check_gone(lambda: layer(x).sum().backward())  # a newer forward, whose step then ended in a backward
+    check_gone(lambda: layer.eval())  # a mode switch drops the step's graph
+    layer.train()
+    with torch.no_grad():
+        layer(x)
+    assert layer.take_step_kl() is None  # a forward without gradients offers nothing to a loss
+    layer.kl_in_forward = False  # a loss with no KL term: the forward does not compute it
+    out = layer(x)
+    assert layer.take_step_kl() is None and type(out.grad_fn).__name__ == "_LinearVDStepBackward"
+    weighted, plain = weighted_kl(layer, 1.0)  # still correct when asked: computed afresh
+    torch.testing.assert_close(plain, layer.kl().detach())
 
 
 def test_local_reparameterization_has_the_analytic_mean_and_variance() -> None:

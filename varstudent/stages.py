@@ -205,6 +205,7 @@ def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path,
     student = build_model(spec).to(device)
     for layer in variational_layers(student):
         layer.train_clip = cfg.train_clip
+        layer.kl_in_forward = cfg.vd_weight > 0  # no KL term (KD alone): the CPU forward skips computing it
     shift = _shifter("distill.shift", cfg.shift, data.input_shape)
     # the teacher is frozen: on unaugmented data its logits are computed once, not per step; on shifted images
     # it sees the same shifted batch as the student, one teacher forward per step (consistent views)

@@ -6,7 +6,10 @@ elementwise kernels it was the largest cost of a CPU distillation epoch. One vec
 value and both gradients (already times the term's loss weight) in a single pass, on torch's OpenMP threads
 where the compiler supports -fopenmp (vdkl.c says why that runtime), as many as torch.get_num_threads():
 ~1.05 ms on one thread, ~0.55 ms on two, for the 500x784 layer. Needs a C compiler (cc/gcc); without one, or
-with VARSTUDENT_NO_KERNELS=1, the PyTorch path runs and results agree to float32 rounding.
+with VARSTUDENT_NO_KERNELS=1, the PyTorch path runs and results agree to float32 rounding. Its `vd_step` and
+`vd_step_grads` are the two passes over a LinearSVD layer's weights of a whole CPU training step: sigma^2, the
+KL and its derivative (and the train_clip mask) before the matrix products, the KL's gradient added into the
+data gradients after them (variational.py, _LinearVDStep).
 
 blockmax.c, the BSR's l1/l_inf term of a layer (losses.py): the block maxima of |w|, the term and its
 sparse gradient's coordinates in one call on the OpenMP threads, instead of NumPy's argmax and argmin and
@@ -105,21 +108,44 @@ def vdkl_kernel():
 
 
 @cache
-def keep_weights_kernel():
-    """The compiled `keep_weights` function (vdkl.c), or None when kernels are off or cannot be built here."""
-    return _function("vdkl", "keep_weights", None,
-                     [ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_float] * 2 + [ctypes.c_int])
+def vd_step_kernel():
+    """The compiled `vd_step` and `vd_step_grads` functions (vdkl.c) as a pair, or None when kernels are off or
+    cannot be built here."""
+    step = _function("vdkl", "vd_step", ctypes.c_double,
+                     [ctypes.c_void_p] * 6 + [ctypes.c_long] + [ctypes.c_float] * 3 + [ctypes.c_int])
+    grads = _function("vdkl", "vd_step_grads", None,
+                      [ctypes.c_void_p] * 6 + [ctypes.c_long, ctypes.c_float, ctypes.c_int])
+    return None if step is None or grads is None else (step, grads)
 
 
-def keep_weights(weight: torch.Tensor, log_sigma2: torch.Tensor, clip: float,
-                 threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight where log alpha < threshold else 0, that keep mask as bool) by the C kernel, no autograd.
-    Contiguous float32 CPU tensors, and only where `keep_weights_kernel()` is not None."""
-    masked = torch.empty_like(weight)
-    keep = torch.empty(weight.shape, dtype=torch.bool)
-    keep_weights_kernel()(weight.data_ptr(), log_sigma2.data_ptr(), masked.data_ptr(), keep.data_ptr(),
-                          weight.numel(), clip, threshold, torch.get_num_threads())
-    return masked, keep
+def vd_step(weight: torch.Tensor, log_sigma2: torch.Tensor, clip: float, grad_below: float,
+            threshold: float | None, with_kl: bool = True) -> tuple[float, torch.Tensor, torch.Tensor | None,
+                                                                    torch.Tensor | None, torch.Tensor | None]:
+    """One pass before a LinearSVD training forward (vdkl.c): (summed KL, sigma^2, dKL/dlog alpha unscaled and
+    zero where no gradient passes, kept weights, keep mask); the KL 0.0 and its derivative None without
+    with_kl, the last two None without a train_clip threshold. Contiguous float32 CPU tensors, and only where
+    `vd_step_kernel()` is not None."""
+    sigma2 = torch.empty_like(weight)
+    dkl = torch.empty_like(weight) if with_kl else None
+    masked = torch.empty_like(weight) if threshold is not None else None
+    keep = torch.empty(weight.shape, dtype=torch.bool) if threshold is not None else None
+    kl = vd_step_kernel()[0](weight.data_ptr(), log_sigma2.data_ptr(), sigma2.data_ptr(), _pointer(dkl),
+                             _pointer(masked), _pointer(keep), weight.numel(), clip, grad_below,
+                             threshold if threshold is not None else math.inf, torch.get_num_threads())
+    return kl, sigma2, dkl, masked, keep
+
+
+def vd_step_grads(grad_w: torch.Tensor | None, grad_log_sigma2: torch.Tensor | None, weight: torch.Tensor,
+                  sigma2: torch.Tensor, dkl: torch.Tensor | None, keep: torch.Tensor | None, kl_scale: float) -> None:
+    """In place, after a LinearSVD training backward's products (vdkl.c): grad_log_sigma2 = itself * sigma^2
+    (+ kl_scale * dkl); grad_w (+= kl_scale * dKL/dw), then zero where `keep` is False. Contiguous float32 CPU
+    tensors (either gradient, dkl and keep may be None), and only where `vd_step_kernel()` is not None."""
+    vd_step_kernel()[1](_pointer(grad_w), _pointer(grad_log_sigma2), weight.data_ptr(), sigma2.data_ptr(),
+                        _pointer(dkl), _pointer(keep), weight.numel(), kl_scale, torch.get_num_threads())
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return tensor.data_ptr() if tensor is not None else None
 
 
 @cache

@@ -9,13 +9,20 @@ log alpha >= threshold are zero and the rest act as a plain dense layer.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from varstudent.nn.kernels import keep_weights, keep_weights_kernel, vd_kl, vdkl_kernel
+from varstudent.nn.kernels import (
+    vd_kl,
+    vd_step,
+    vd_step_grads,
+    vd_step_kernel,
+    vdkl_kernel,
+)
 
 # -KL(q || log-uniform prior) ~= K1 * sigmoid(K2 + K3 * log_alpha) - 0.5 * log1p(exp(-log_alpha)) - K1
 # (Molchanov et al. 2017, eq. 14; the fit is accurate to 1e-2 over all log alpha).
@@ -110,7 +117,8 @@ class _LinearLRT(torch.autograd.Function):
 
     The same value and gradients as autograd through `VariationalLayer.forward` (tests compare them, and the
     noise is drawn at the same point, so seeded runs match), in fewer, partly in-place passes: autograd
-    records ~12 ops per layer and allocates each one's output and gradient. CPU only (where it was measured).
+    records ~12 ops per layer and allocates each one's output and gradient. The CPU path where the C kernels
+    are not built (no compiler, VARSTUDENT_NO_KERNELS=1); with them `_LinearVDStep` runs instead.
     """
 
     @staticmethod
@@ -145,6 +153,58 @@ class _LinearLRT(torch.autograd.Function):
         return grad_x, grad_w, grad_s, grad_b, None, None
 
 
+class _LinearVDStep(torch.autograd.Function):
+    """A LinearSVD training forward and the layer's KL in one node: (output, KL), CPU with the C kernels.
+
+    On 2 CPU cores a pass over the 500x784 layer's weights costs about as much as one of its matrix products
+    once the caches are cold, and a step made nine of them around the four products (keep mask, exp, KL, the
+    mask's float copy and product, the sigma^2 product, autograd's two sums of the KL and data gradients, ...).
+    Here there are two: `vd_step` before the products (sigma^2, the KL and its derivative, the train_clip
+    mask) and `vd_step_grads` after them, which adds the KL's gradient - times the KL output's incoming
+    gradient, i.e. its loss weight - into the data gradients and masks them. `weighted_kl` takes the KL output
+    from the layer (VariationalLayer.take_step_kl) instead of computing it again. Same values and gradients
+    as the generic path (tests compare them; the noise is drawn at the same point). Without `with_kl` (a loss
+    with no KL term) the KL output is a constant 0 and is not offered to `weighted_kl`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, log_sigma2: torch.Tensor, bias: torch.Tensor | None,
+                layer: VariationalLayer, token: object) -> tuple[torch.Tensor, torch.Tensor]:
+        threshold = layer.threshold if layer.train_clip else None
+        kl_sum, sigma2, dkl, kept, keep = vd_step(weight.detach(), log_sigma2.detach(), LOG_ALPHA_CLIP,
+                                                  layer.kl_grad_below, threshold, layer.kl_in_forward)
+        mean_weight = weight if kept is None else kept
+        x2 = x * x
+        mean = F.linear(x, mean_weight, bias)
+        std = torch.mm(x2, sigma2.t()).add_(VAR_EPS).sqrt_()
+        noise = torch.randn_like(mean)
+        ctx.save_for_backward(x, x2, weight, mean_weight, sigma2, std, noise, dkl, keep)
+        ctx.layer, ctx.token = weakref.ref(layer), token
+        kl = torch.tensor(kl_sum, dtype=weight.dtype)
+        if dkl is None:
+            ctx.mark_non_differentiable(kl)
+        return mean.addcmul_(std, noise), kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor, grad_kl: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        x, x2, weight, mean_weight, sigma2, std, noise, dkl, keep = ctx.saved_tensors
+        layer = ctx.layer()
+        if layer is not None and layer._step_kl is not None and layer._step_kl[3] is ctx.token:
+            layer._step_kl = None  # this step is over: a later weighted_kl computes the KL afresh
+        grad_var = noise.div_(std).mul_(grad).mul_(0.5)  # in noise's memory, as in _LinearLRT
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad, mean_weight).addcmul_(torch.mm(grad_var, sigma2), x, value=2.0)
+        grad_w = torch.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
+        grad_s = torch.mm(grad_var.t(), x2) if ctx.needs_input_grad[2] else None
+        if grad_w is not None or grad_s is not None:  # a 0-d CPU gradient is read without a device sync
+            kl_scale = grad_kl.item() if grad_kl is not None and dkl is not None else 0.0
+            vd_step_grads(grad_w, grad_s, weight, sigma2, dkl if kl_scale != 0 else None, keep, kl_scale)
+        grad_b = grad.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_w, grad_s, grad_b, None, None
+
+
 class VariationalLayer(nn.Module):
     """Shared parts of LinearSVD and Conv2dSVD: parameters, log alpha, KL, mask, two forward modes."""
 
@@ -160,6 +220,10 @@ class VariationalLayer(nn.Module):
         # distill.train_clip: while training too, weights at or past the threshold are zero in the mean and get
         # no KL gradient (the reference code's train_clip); their variance still trains, so one can come back
         self.train_clip = False
+        # whether a CPU training forward also computes the layer's KL for the loss (_LinearVDStep); off where the
+        # loss has no KL term (distill.vd_weight 0), which then saves a pass over the weights
+        self.kl_in_forward = True
+        self._step_kl: tuple[torch.Tensor, int, int, object] | None = None  # see take_step_kl
         fan_in = weight_shape[1] * (weight_shape[2] * weight_shape[3] if len(weight_shape) == 4 else 1)
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear / nn.Conv2d's default init
         if self.bias is not None:
@@ -189,6 +253,18 @@ class VariationalLayer(nn.Module):
             keep = self.keep_mask()
         return self.weight * keep
 
+    def take_step_kl(self) -> torch.Tensor | None:
+        """The KL output of this layer's last training forward where it has one (_LinearVDStep), once, and only
+        while the parameters are the ones it was computed from; else None (compute it with `kl`)."""
+        step, self._step_kl = self._step_kl, None
+        if step is None or (self.weight._version, self.log_sigma2._version) != step[1:3]:
+            return None
+        return step[0]
+
+    def train(self, mode: bool = True):
+        self._step_kl = None  # never keeps a finished step's graph alive
+        return super().train(mode)
+
     def keep_mask(self) -> torch.Tensor:
         """True for the weights that survive at evaluation (log alpha < threshold)."""
         return self.log_alpha < self.threshold
@@ -216,17 +292,21 @@ class LinearSVD(VariationalLayer):
         return F.linear(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._step_kl = None
         if self.training and x.device.type == "cpu" and x.dim() == 2:
-            if not self.train_clip:
+            float32 = self.weight.dtype == x.dtype == torch.float32
+            contiguous = self.weight.is_contiguous() and self.log_sigma2.is_contiguous()
+            if vd_step_kernel() is not None and float32 and contiguous:
+                token = object()
+                out, kl = _LinearVDStep.apply(x, self.weight, self.log_sigma2, self.bias, self, token)
+                if kl.requires_grad:
+                    self._step_kl = (kl, self.weight._version, self.log_sigma2._version, token)
+                return out
+            if not self.train_clip:  # without a compiler: the PyTorch LRT
                 return _LinearLRT.apply(x, self.weight, self.log_sigma2, self.bias)
-            if (keep_weights_kernel() is not None and self.weight.dtype == torch.float32
-                    and self.weight.is_contiguous() and self.log_sigma2.is_contiguous()):
-                kept, keep = keep_weights(self.weight.detach(), self.log_sigma2.detach(), LOG_ALPHA_CLIP,
-                                          self.threshold)
-            else:
-                with torch.no_grad():
-                    keep = self.keep_mask()
-                    kept = self.weight * keep
+            with torch.no_grad():
+                keep = self.keep_mask()
+                kept = self.weight * keep
             return _LinearLRT.apply(x, self.weight, self.log_sigma2, self.bias, kept, keep)
         return super().forward(x)
 
@@ -264,12 +344,20 @@ def total_kl(model: nn.Module) -> torch.Tensor:
 def weighted_kl(model: nn.Module, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale * total KL, total KL detached): add the first to the loss as it is, report the second.
 
-    The same gradient as scale * total_kl(model), but on the CPU kernel path the gradients come out of the
-    kernel already scaled (see _LayerKL); scale == 0 computes no gradient at all.
+    The same gradient as scale * total_kl(model). A layer whose CPU training forward already computed its KL
+    (_LinearVDStep) hands that over, once; its gradient then flows through the forward's node. Otherwise on
+    the CPU kernel path the gradients come out of the kernel already scaled (see _LayerKL), and scale == 0
+    computes no gradient at all.
     """
     layers = variational_layers(model)
     if not layers:
         return torch.zeros(()), torch.zeros(())
-    weighted, plain = zip(*(_LayerKL.apply(layer.weight, layer.log_sigma2, scale, layer.kl_grad_below)
-                            for layer in layers))
+    weighted, plain = zip(*(_layer_weighted_kl(layer, scale) for layer in layers))
     return sum(weighted[1:], weighted[0]), sum(plain[1:], plain[0])
+
+
+def _layer_weighted_kl(layer: VariationalLayer, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    step_kl = layer.take_step_kl()
+    if step_kl is not None:  # computed by the training forward; its gradient flows through that node's backward
+        return step_kl * scale, step_kl.detach()
+    return _LayerKL.apply(layer.weight, layer.log_sigma2, scale, layer.kl_grad_below)

@@ -84,27 +84,113 @@ double vd_kl(const float *w, const float *log_sigma2, float *grad_w, float *grad
     return total;
 }
 
-/* distill.train_clip, the mean's weight of a training step: masked[i] = w[i] where log alpha (clipped as above)
- * is below threshold, else 0, and keep[i] = 1 or 0 - one pass, where PyTorch's keep mask took eight (log alpha,
- * the comparison, the product and its backward; +34 % on a CPU epoch of the MNIST MLP). */
-static void keep_chunk(const float *restrict w, const float *restrict log_sigma2, float *restrict masked,
-                       unsigned char *restrict keep, long n, float clip, float threshold) {
-#pragma omp simd
+/* A whole CPU training step of a LinearSVD layer touches its weights in two passes, these two, where separate
+ * kernels took seven (keep mask, exp, KL, the mask's float copy and product, the sigma^2 product, and the two
+ * sums autograd adds the KL's gradients with): on the 2-core machine each pass over the 500x784 layer costs
+ * about as much as one of its matrix products once the caches are cold.
+ *
+ * vd_step, before the forward's products: sigma2 = exp(log_sigma2); unless dkl is NULL (a run whose loss has
+ * no KL term) the KL value (returned, summed in chunk order as vd_kl: independent of the thread count) and
+ * dkl = dKL/dlog alpha, zero where the clip or grad_below passes no gradient, not yet times any loss weight
+ * (the weight reaches the backward as the KL output's gradient); under train_clip (masked != NULL) also the
+ * kept weights (w where the clipped log alpha is below threshold, else 0) and that mask as 0/1 bytes. */
+static inline double step_loop(const float *restrict w, const float *restrict log_sigma2, float *restrict sigma2,
+                               float *restrict dkl, float *restrict masked, unsigned char *restrict keep, long n,
+                               float clip, float grad_below, float threshold, const int with_kl,
+                               const int with_mask) {
+    /* with_kl and with_mask are constants at each call site: each gets its own branch-free vectorized loop */
+    double total = 0.0;
+#pragma omp simd reduction(+ : total)
     for (long i = 0; i < n; i++) {
-        float log_alpha = log_sigma2[i] - logf(w[i] * w[i] + 1e-8f);
-        log_alpha = fminf(fmaxf(log_alpha, -clip), clip);
-        int k = log_alpha < threshold;
-        keep[i] = (unsigned char)k;
-        masked[i] = k ? w[i] : 0.0f;
+        sigma2[i] = expf(log_sigma2[i]);
+        if (!with_kl && !with_mask) continue;
+        float w2 = w[i] * w[i] + 1e-8f;
+        float log_alpha = log_sigma2[i] - logf(w2);
+        if (with_kl) {
+            float unclipped = fabsf(log_alpha) < clip && log_alpha < grad_below ? 1.0f : 0.0f;
+            float clipped = fminf(fmaxf(log_alpha, -clip), clip);
+            float t = expf(-(K2 + K3 * clipped));
+            float sig = 1.0f / (1.0f + t), sig_neg = t * sig;
+            float exp_neg = expf(-clipped);
+            total += 0.5f * logf(1.0f + exp_neg) + K1 * sig_neg;
+            dkl[i] = (-K1 * K3 * sig * sig_neg - 0.5f * exp_neg / (1.0f + exp_neg)) * unclipped;
+        }
+        if (with_mask) {
+            int k = fminf(fmaxf(log_alpha, -clip), clip) < threshold;
+            keep[i] = (unsigned char)k;
+            masked[i] = k ? w[i] : 0.0f;
+        }
+    }
+    return total;
+}
+
+static double step_chunk(const float *w, const float *log_sigma2, float *sigma2, float *dkl, float *masked,
+                         unsigned char *keep, long n, float clip, float grad_below, float threshold) {
+    if (dkl && masked) return step_loop(w, log_sigma2, sigma2, dkl, masked, keep, n, clip, grad_below, threshold, 1, 1);
+    if (dkl) return step_loop(w, log_sigma2, sigma2, dkl, NULL, NULL, n, clip, grad_below, threshold, 1, 0);
+    if (masked) return step_loop(w, log_sigma2, sigma2, NULL, masked, keep, n, clip, grad_below, threshold, 0, 1);
+    return step_loop(w, log_sigma2, sigma2, NULL, NULL, NULL, n, clip, grad_below, threshold, 0, 0);
+}
+
+double vd_step(const float *w, const float *log_sigma2, float *sigma2, float *dkl, float *masked,
+               unsigned char *keep, long n, float clip, float grad_below, float threshold, int threads) {
+    double partial[MAX_CHUNKS];
+    long chunks = (n + CHUNK - 1) / CHUNK;
+    if (chunks > MAX_CHUNKS) { /* as vd_kl: in runs of MAX_CHUNKS chunks, in order */
+        double total = 0.0;
+        for (long start = 0; start < n; start += CHUNK * MAX_CHUNKS) {
+            long count = n - start < CHUNK * MAX_CHUNKS ? n - start : CHUNK * MAX_CHUNKS;
+            total += vd_step(w + start, log_sigma2 + start, sigma2 + start, dkl ? dkl + start : NULL,
+                             masked ? masked + start : NULL, masked ? keep + start : NULL, count, clip, grad_below,
+                             threshold, threads);
+        }
+        return total;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (chunks > 1)
+    for (long c = 0; c < chunks; c++) {
+        long start = c * CHUNK, count = n - start < CHUNK ? n - start : CHUNK;
+        partial[c] = step_chunk(w + start, log_sigma2 + start, sigma2 + start, dkl ? dkl + start : NULL,
+                                masked ? masked + start : NULL, masked ? keep + start : NULL, count, clip,
+                                grad_below, threshold);
+    }
+    double total = 0.0;
+    for (long c = 0; c < chunks; c++) total += partial[c];
+    return total;
+}
+
+/* vd_step_grads, after the backward's products, in place: grad_log_sigma2 (in: the data term's
+ * grad_var^T x^2) becomes that times sigma2 plus kl_scale * dkl; grad_w (in: grad^T x) gets
+ * kl_scale * dkl * dlog alpha/dw = kl_scale * dkl * -2w / (w^2 + 1e-8) added, and under train_clip
+ * (keep != NULL) is zero where the weight is pruned. Either gradient may be NULL (not wanted), and dkl
+ * (no KL term: kl_scale is then ignored). */
+static void grads_chunk(float *restrict grad_w, float *restrict grad_log_sigma2, const float *restrict w,
+                        const float *restrict sigma2, const float *restrict dkl, const unsigned char *restrict keep,
+                        long n, float kl_scale) {
+    if (grad_log_sigma2 && dkl) {
+#pragma omp simd
+        for (long i = 0; i < n; i++) grad_log_sigma2[i] = grad_log_sigma2[i] * sigma2[i] + kl_scale * dkl[i];
+    } else if (grad_log_sigma2) {
+#pragma omp simd
+        for (long i = 0; i < n; i++) grad_log_sigma2[i] *= sigma2[i];
+    }
+    if (!grad_w) return;
+    if (dkl) {
+#pragma omp simd
+        for (long i = 0; i < n; i++) grad_w[i] += -2.0f * kl_scale * dkl[i] * w[i] / (w[i] * w[i] + 1e-8f);
+    }
+    if (keep) {
+#pragma omp simd
+        for (long i = 0; i < n; i++) grad_w[i] = keep[i] ? grad_w[i] : 0.0f;
     }
 }
 
-void keep_weights(const float *w, const float *log_sigma2, float *masked, unsigned char *keep, long n, float clip,
-                  float threshold, int threads) {
+void vd_step_grads(float *grad_w, float *grad_log_sigma2, const float *w, const float *sigma2, const float *dkl,
+                   const unsigned char *keep, long n, float kl_scale, int threads) {
     long chunks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for schedule(static) num_threads(threads) if (chunks > 1)
     for (long c = 0; c < chunks; c++) {
         long start = c * CHUNK, count = n - start < CHUNK ? n - start : CHUNK;
-        keep_chunk(w + start, log_sigma2 + start, masked + start, keep + start, count, clip, threshold);
+        grads_chunk(grad_w ? grad_w + start : NULL, grad_log_sigma2 ? grad_log_sigma2 + start : NULL, w + start,
+                    sigma2 + start, dkl ? dkl + start : NULL, keep ? keep + start : NULL, count, kl_scale);
     }
 }
