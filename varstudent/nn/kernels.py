@@ -34,6 +34,7 @@ import torch
 
 log = logging.getLogger("varstudent")
 COMPILE_FLAGS = ["-O3", "-march=native", "-fPIC"]
+FLOAT32_MAX = 3.4028234663852886e38
 # (compile, link) flags tried in order: OpenMP threads and glibc's vector math (its vector expf/logf are called
 # only under -ffast-math), then each dropped where the toolchain lacks it. Compiled and linked in two steps:
 # gcc < 13 links -ffast-math shared objects with crtfastmath.o, whose constructor turns on flush-to-zero for
@@ -130,8 +131,8 @@ def vd_step(weight: torch.Tensor, log_sigma2: torch.Tensor, clip: float, grad_be
     masked = torch.empty_like(weight) if threshold is not None else None
     keep = torch.empty(weight.shape, dtype=torch.bool) if threshold is not None else None
     kl = vd_step_kernel()[0](weight.data_ptr(), log_sigma2.data_ptr(), sigma2.data_ptr(), _pointer(dkl),
-                             _pointer(masked), _pointer(keep), weight.numel(), clip, grad_below,
-                             threshold if threshold is not None else math.inf, torch.get_num_threads())
+                             _pointer(masked), _pointer(keep), weight.numel(), clip, _finite(grad_below),
+                             _finite(threshold if threshold is not None else math.inf), torch.get_num_threads())
     return kl, sigma2, dkl, masked, keep
 
 
@@ -146,6 +147,12 @@ def vd_step_grads(grad_w: torch.Tensor | None, grad_log_sigma2: torch.Tensor | N
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
     return tensor.data_ptr() if tensor is not None else None
+
+
+def _finite(bound: float) -> float:
+    """An open bound (math.inf) as float32's largest value: the kernels are built with -ffast-math, whose
+    -ffinite-math-only lets the compiler assume no infinity ever reaches them."""
+    return min(bound, FLOAT32_MAX)
 
 
 @cache
@@ -188,6 +195,6 @@ def vd_kl(weight: torch.Tensor, log_sigma2: torch.Tensor, clip: float, scale: fl
     grad_w = torch.empty_like(weight) if with_grad else None
     grad_s = torch.empty_like(log_sigma2) if with_grad else None
     kl = vdkl_kernel()(weight.data_ptr(), log_sigma2.data_ptr(), grad_w.data_ptr() if with_grad else None,
-                       grad_s.data_ptr() if with_grad else None, weight.numel(), clip, grad_below, scale,
+                       grad_s.data_ptr() if with_grad else None, weight.numel(), clip, _finite(grad_below), scale,
                        torch.get_num_threads())
     return kl, grad_w, grad_s

@@ -190,7 +190,7 @@ class _LinearVDStep(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor, grad_kl: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         x, x2, weight, mean_weight, sigma2, std, noise, dkl, keep = ctx.saved_tensors
         layer = ctx.layer()
-        if layer is not None and layer._step_kl is not None and layer._step_kl[3] is ctx.token:
+        if layer is not None and layer._step_kl is not None and layer._step_kl[1] is ctx.token:
             layer._step_kl = None  # this step is over: a later weighted_kl computes the KL afresh
         grad_var = noise.div_(std).mul_(grad).mul_(0.5)  # in noise's memory, as in _LinearLRT
         grad_x = None
@@ -223,7 +223,7 @@ class VariationalLayer(nn.Module):
         # whether a CPU training forward also computes the layer's KL for the loss (_LinearVDStep); off where the
         # loss has no KL term (distill.vd_weight 0), which then saves a pass over the weights
         self.kl_in_forward = True
-        self._step_kl: tuple[torch.Tensor, int, int, object] | None = None  # see take_step_kl
+        self._step_kl: tuple | None = None  # see take_step_kl
         fan_in = weight_shape[1] * (weight_shape[2] * weight_shape[3] if len(weight_shape) == 4 else 1)
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear / nn.Conv2d's default init
         if self.bias is not None:
@@ -257,9 +257,21 @@ class VariationalLayer(nn.Module):
         """The KL output of this layer's last training forward where it has one (_LinearVDStep), once, and only
         while the parameters are the ones it was computed from; else None (compute it with `kl`)."""
         step, self._step_kl = self._step_kl, None
-        if step is None or (self.weight._version, self.log_sigma2._version) != step[1:3]:
+        if step is None or step[2] != self._parameter_state():
             return None
         return step[0]
+
+    def _parameter_state(self) -> tuple[int, ...]:
+        """What identifies the parameters' current values without reading them: the tensors themselves (one
+        replaced), their memory (`.data` assigned) and version counters (changed in place; fused optimizers
+        do not bump them, hence also the retirement by the step's backward)."""
+        return (id(self.weight), id(self.log_sigma2), self.weight.data_ptr(), self.log_sigma2.data_ptr(),
+                self.weight._version, self.log_sigma2._version)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_step_kl"] = None  # a pending step's graph is neither copied nor pickled
+        return state
 
     def train(self, mode: bool = True):
         self._step_kl = None  # never keeps a finished step's graph alive
@@ -294,13 +306,14 @@ class LinearSVD(VariationalLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._step_kl = None
         if self.training and x.device.type == "cpu" and x.dim() == 2:
-            float32 = self.weight.dtype == x.dtype == torch.float32
+            float32 = self.weight.dtype == self.log_sigma2.dtype == x.dtype == torch.float32
+            on_cpu = self.weight.device.type == self.log_sigma2.device.type == "cpu"  # the kernels read pointers
             contiguous = self.weight.is_contiguous() and self.log_sigma2.is_contiguous()
-            if vd_step_kernel() is not None and float32 and contiguous:
+            if vd_step_kernel() is not None and float32 and on_cpu and contiguous:
                 token = object()
                 out, kl = _LinearVDStep.apply(x, self.weight, self.log_sigma2, self.bias, self, token)
                 if kl.requires_grad:
-                    self._step_kl = (kl, self.weight._version, self.log_sigma2._version, token)
+                    self._step_kl = (kl, token, self._parameter_state())
                 return out
             if not self.train_clip:  # without a compiler: the PyTorch LRT
                 return _LinearLRT.apply(x, self.weight, self.log_sigma2, self.bias)
@@ -345,9 +358,10 @@ def weighted_kl(model: nn.Module, scale: float) -> tuple[torch.Tensor, torch.Ten
     """(scale * total KL, total KL detached): add the first to the loss as it is, report the second.
 
     The same gradient as scale * total_kl(model). A layer whose CPU training forward already computed its KL
-    (_LinearVDStep) hands that over, once; its gradient then flows through the forward's node. Otherwise on
-    the CPU kernel path the gradients come out of the kernel already scaled (see _LayerKL), and scale == 0
-    computes no gradient at all.
+    (_LinearVDStep) hands that over, once; its gradient then flows through the forward's node, so the KL and
+    the data term go into one backward (as the student loss does): backpropagating them separately is a second
+    backward through that node, which autograd refuses. Otherwise on the CPU kernel path the gradients come out
+    of the kernel already scaled (see _LayerKL), and scale == 0 computes no gradient at all.
     """
     layers = variational_layers(model)
     if not layers:
