@@ -156,15 +156,15 @@ class _LinearLRT(torch.autograd.Function):
 class _LinearVDStep(torch.autograd.Function):
     """A LinearSVD training forward and the layer's KL in one node: (output, KL), CPU with the C kernels.
 
-    On 2 CPU cores a pass over the 500x784 layer's weights costs about as much as one of its matrix products
-    once the caches are cold, and a step made nine of them around the four products (keep mask, exp, KL, the
-    mask's float copy and product, the sigma^2 product, autograd's two sums of the KL and data gradients, ...).
+    On 2 CPU cores a pass over the 500x784 layer's weights can cost as much as one of its matrix products once
+    the caches are cold, and a step made seven of them around the four products (exp, the keep mask, the KL, the
+    mask's float copy and product, the sigma^2 product, and autograd's sums of the KL and data gradients).
     Here there are two: `vd_step` before the products (sigma^2, the KL and its derivative, the train_clip
     mask) and `vd_step_grads` after them, which adds the KL's gradient - times the KL output's incoming
     gradient, i.e. its loss weight - into the data gradients and masks them. `weighted_kl` takes the KL output
     from the layer (VariationalLayer.take_step_kl) instead of computing it again. Same values and gradients
-    as the generic path (tests compare them; the noise is drawn at the same point). Without `with_kl` (a loss
-    with no KL term) the KL output is a constant 0 and is not offered to `weighted_kl`.
+    as the generic path (tests compare them; the noise is drawn at the same point). Without the layer's
+    `kl_in_forward` (a loss with no KL term) the KL output is a constant 0 and is not offered to `weighted_kl`.
     """
 
     @staticmethod
