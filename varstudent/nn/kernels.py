@@ -194,7 +194,6 @@ def vd_kl(weight: torch.Tensor, log_sigma2: torch.Tensor, clip: float, scale: fl
     `vdkl_kernel()` is not None."""
     grad_w = torch.empty_like(weight) if with_grad else None
     grad_s = torch.empty_like(log_sigma2) if with_grad else None
-    kl = vdkl_kernel()(weight.data_ptr(), log_sigma2.data_ptr(), grad_w.data_ptr() if with_grad else None,
-                       grad_s.data_ptr() if with_grad else None, weight.numel(), clip, _finite(grad_below), scale,
-                       torch.get_num_threads())
+    kl = vdkl_kernel()(weight.data_ptr(), log_sigma2.data_ptr(), _pointer(grad_w), _pointer(grad_s),
+                       weight.numel(), clip, _finite(grad_below), scale, torch.get_num_threads())
     return kl, grad_w, grad_s

@@ -112,6 +112,34 @@ class _LayerKL(torch.autograd.Function):
         return d_log_alpha * weight * -2 / w2, d_log_alpha, None, None
 
 
+def _lrt_sample(x: torch.Tensor, mean_weight: torch.Tensor, sigma2: torch.Tensor,
+                bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The local reparameterization draw of a linear layer, mean + sqrt(x^2 sigma^2^T + eps) * noise, with the
+    noise drawn last as in `VariationalLayer.forward`: (output, x^2, std, noise), the last three for the backward."""
+    x2 = x * x
+    mean = F.linear(x, mean_weight, bias)
+    std = torch.mm(x2, sigma2.t()).add_(VAR_EPS).sqrt_()
+    noise = torch.randn_like(mean)
+    return mean.addcmul_(std, noise), x2, std, noise
+
+
+def _lrt_grads(needs_input_grad: tuple[bool, ...], grad: torch.Tensor, x: torch.Tensor, x2: torch.Tensor,
+               mean_weight: torch.Tensor, sigma2: torch.Tensor, std: torch.Tensor,
+               noise: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The backward of `_lrt_sample` for (x, weight, log_sigma2, bias): grad_x, grad^T x (the weight's, before
+    any train_clip mask), grad_var^T x^2 (log_sigma2's before the factor sigma^2) and grad_b; None where not
+    needed. d out / d var = noise / (2 std) is computed in noise's memory: a second backward through the node
+    (retain_graph) therefore fails autograd's in-place check rather than computing with a changed noise."""
+    grad_var = noise.div_(std).mul_(grad).mul_(0.5)
+    grad_x = None
+    if needs_input_grad[0]:  # through the mean, and through x^2 in the variance: 2x (grad_var sigma^2)
+        grad_x = torch.mm(grad, mean_weight).addcmul_(torch.mm(grad_var, sigma2), x, value=2.0)
+    grad_w = torch.mm(grad.t(), x) if needs_input_grad[1] else None
+    grad_s = torch.mm(grad_var.t(), x2) if needs_input_grad[2] else None
+    grad_b = grad.sum(0) if needs_input_grad[3] else None
+    return grad_x, grad_w, grad_s, grad_b
+
+
 class _LinearLRT(torch.autograd.Function):
     """A LinearSVD training forward, mean + sqrt(x^2 sigma^2^T + eps) * noise, with a hand-written backward.
 
@@ -127,29 +155,21 @@ class _LinearLRT(torch.autograd.Function):
         # train_clip: the mean uses `kept` (the weight, zero where pruned) and the weight's gradient is masked by
         # `keep` here, in place, instead of through an autograd product
         sigma2 = torch.exp(log_sigma2)
-        x2 = x * x
         mean_weight = weight if kept is None else kept
-        mean = F.linear(x, mean_weight, bias)
-        std = torch.mm(x2, sigma2.t()).add_(VAR_EPS).sqrt_()
-        noise = torch.randn_like(mean)
+        out, x2, std, noise = _lrt_sample(x, mean_weight, sigma2, bias)
         ctx.save_for_backward(x, x2, mean_weight, sigma2, std, noise, keep)
-        return mean.addcmul_(std, noise)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, x2, weight, sigma2, std, noise, keep = ctx.saved_tensors
-        # d out / d var = noise / (2 std), computed in noise's memory: a second backward through this node
-        # (retain_graph) therefore fails autograd's in-place check rather than computing with a changed noise
-        grad_var = noise.div_(std).mul_(grad).mul_(0.5)
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # through the mean, and through x^2 in the variance: 2x (grad_var sigma^2)
-            grad_x = torch.mm(grad, weight).addcmul_(torch.mm(grad_var, sigma2), x, value=2.0)
-        grad_w = torch.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
+        x, x2, mean_weight, sigma2, std, noise, keep = ctx.saved_tensors
+        grad_x, grad_w, grad_s, grad_b = _lrt_grads(ctx.needs_input_grad, grad, x, x2, mean_weight, sigma2, std,
+                                                    noise)
         if grad_w is not None and keep is not None:
             grad_w.mul_(keep)
-        grad_s = torch.mm(grad_var.t(), x2).mul_(sigma2) if ctx.needs_input_grad[2] else None
-        grad_b = grad.sum(0) if ctx.needs_input_grad[3] else None
+        if grad_s is not None:
+            grad_s.mul_(sigma2)
         return grad_x, grad_w, grad_s, grad_b, None, None
 
 
@@ -174,16 +194,13 @@ class _LinearVDStep(torch.autograd.Function):
         kl_sum, sigma2, dkl, kept, keep = vd_step(weight.detach(), log_sigma2.detach(), LOG_ALPHA_CLIP,
                                                   layer.kl_grad_below, threshold, layer.kl_in_forward)
         mean_weight = weight if kept is None else kept
-        x2 = x * x
-        mean = F.linear(x, mean_weight, bias)
-        std = torch.mm(x2, sigma2.t()).add_(VAR_EPS).sqrt_()
-        noise = torch.randn_like(mean)
+        out, x2, std, noise = _lrt_sample(x, mean_weight, sigma2, bias)
         ctx.save_for_backward(x, x2, weight, mean_weight, sigma2, std, noise, dkl, keep)
         ctx.layer, ctx.token = weakref.ref(layer), token
         kl = torch.tensor(kl_sum, dtype=weight.dtype)
         if dkl is None:
             ctx.mark_non_differentiable(kl)
-        return mean.addcmul_(std, noise), kl
+        return out, kl
 
     @staticmethod
     @once_differentiable
@@ -192,16 +209,11 @@ class _LinearVDStep(torch.autograd.Function):
         layer = ctx.layer()
         if layer is not None and layer._step_kl is not None and layer._step_kl[1] is ctx.token:
             layer._step_kl = None  # this step is over: a later weighted_kl computes the KL afresh
-        grad_var = noise.div_(std).mul_(grad).mul_(0.5)  # in noise's memory, as in _LinearLRT
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(grad, mean_weight).addcmul_(torch.mm(grad_var, sigma2), x, value=2.0)
-        grad_w = torch.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
-        grad_s = torch.mm(grad_var.t(), x2) if ctx.needs_input_grad[2] else None
+        grad_x, grad_w, grad_s, grad_b = _lrt_grads(ctx.needs_input_grad, grad, x, x2, mean_weight, sigma2, std,
+                                                    noise)
         if grad_w is not None or grad_s is not None:  # a 0-d CPU gradient is read without a device sync
             kl_scale = grad_kl.item() if grad_kl is not None and dkl is not None else 0.0
             vd_step_grads(grad_w, grad_s, weight, sigma2, dkl if kl_scale != 0 else None, keep, kl_scale)
-        grad_b = grad.sum(0) if ctx.needs_input_grad[3] else None
         return grad_x, grad_w, grad_s, grad_b, None, None
 
 
