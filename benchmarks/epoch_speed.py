@@ -6,6 +6,13 @@ and batch; BSR adds <= 10% to an epoch.
 
     python benchmarks/epoch_speed.py                 # full MNIST in artifacts/prepare, 2 epochs each
     python benchmarks/epoch_speed.py --epochs 3 --rounds 3   # the six configurations 3 times, interleaved
+    python benchmarks/epoch_speed.py --sparse-from artifacts/distill   # + epochs at a trained student's sparsity
+
+Every configuration starts from a fresh student, whose weights train_clip has not pruned yet; within a few epochs
+it prunes most of them (the default run: over 90 % from its fifth epoch), and the layers keeping at most
+KEPT_PRODUCTS_BELOW of their weights then compute the mean's products over the kept ones alone.
+`--sparse-from DIR` adds two rows that start from the student saved in DIR (its pruned weights and all), with
+those products and without them.
 
 Epoch times on a shared 2-core machine move by 10-30 % between minutes, so with --rounds each ratio is the
 median of the ratios within a round (configurations run back to back), with their range.
@@ -20,8 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from varstudent.artifacts import load_model
 from varstudent.data import load_prepared
 from varstudent.losses import BlockSparseRegularizer, LossWeights, paired_weights, student_loss
+from varstudent.nn import variational
 from varstudent.nn.architectures import build_model, build_spec
 from varstudent.nn.variational import variational_layers
 from varstudent.train import FitSettings, fit
@@ -34,21 +43,34 @@ def main() -> None:
     parser.add_argument("--teacher", default="mlp-1200-1200")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=1, help="run the six configurations K times")
+    parser.add_argument("--rounds", type=int, default=1, help="run the configurations K times")
+    parser.add_argument("--sparse-from", type=Path, default=None,
+                        help="a distill output folder: two more rows starting from its student")
     args = parser.parse_args()
+    trained = None
+    if args.sparse_from is not None:
+        trained = load_model(args.sparse_from, "student").state_dict()
+        shares = [float(layer.keep_mask().float().mean()) for layer in
+                  variational_layers(load_model(args.sparse_from, "student"))]
+        print(f"{args.sparse_from}: kept share per layer " + ", ".join(f"{100 * v:.1f} %" for v in shares))
     data = load_prepared(Path(args.data))
     x, y, n = data.x_train, data.y_train, data.x_train.shape[0]
     teacher = build_model(build_spec(args.teacher, data.input_shape, data.num_classes))
     teacher_logits = torch.randn(n, data.num_classes)  # the values do not change the cost
     settings = FitSettings(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, progress=False)
 
-    def timed(variational: bool, kd: float, vd: float, bsr_weight: float, train_clip: bool = False) -> float:
+    def timed(is_variational: bool, kd: float, vd: float, bsr_weight: float, train_clip: bool = False,
+              start: dict | None = None, kept_below: float = variational.KEPT_PRODUCTS_BELOW) -> float:
         torch.manual_seed(0)
-        model = build_model(build_spec(args.student, data.input_shape, data.num_classes, variational=variational))
-        for layer in variational_layers(model):  # the mask costs the same whatever share it drops
+        model = build_model(build_spec(args.student, data.input_shape, data.num_classes,
+                                       variational=is_variational))
+        if start is not None:
+            model.load_state_dict(start)
+        variational.KEPT_PRODUCTS_BELOW = kept_below
+        for layer in variational_layers(model):  # as the distill stage sets them
             layer.train_clip = train_clip
-            layer.kl_in_forward = vd > 0  # as the distill stage sets it
-        if not variational:
+            layer.kl_in_forward = vd > 0
+        if not is_variational:
             def loss_fn(m, logits, targets, index, epoch):
                 loss = F.cross_entropy(logits, targets)
                 return loss, {"ce": loss}
@@ -64,6 +86,9 @@ def main() -> None:
     configurations = [("dense student (CE)", (False, 0, 0, 0)), ("VD layers, CE only", (True, 0, 0, 0)),
                       ("Sparse VD (CE + KL)", (True, 0, 1, 0)), ("VS (CE + KD + KL)", (True, 1, 1, 0)),
                       ("VS + BSR", (True, 1, 1, 1e-5)), ("VS + BSR, train_clip", (True, 1, 1, 1e-5, True))]
+    if trained is not None:
+        configurations += [("VS + BSR, train_clip, from the trained student", (True, 1, 1, 1e-5, True, trained)),
+                           ("... the same, dense products", (True, 1, 1, 1e-5, True, trained, 0.0))]
     rounds = [[timed(*setting) for _, setting in configurations] for _ in range(args.rounds)]
     print(f"{args.student} on {n} samples, batch {args.batch_size}, {torch.get_num_threads()} threads, "
           f"median of {args.epochs} epochs" + (f"; {args.rounds} rounds, medians [range]" if args.rounds > 1 else "")
@@ -76,6 +101,9 @@ def main() -> None:
     print(f"\nBSR overhead: {_spread(overhead, '+.1f')} % of a VS epoch")
     clip = [100 * (r[5] / r[4] - 1) for r in rounds]
     print(f"train_clip overhead: {_spread(clip, '+.1f')} % of a VS + BSR epoch")
+    if trained is not None:
+        kept = [100 * (r[6] / r[7] - 1) for r in rounds]
+        print(f"kept-weights products: {_spread(kept, '+.1f')} % of an epoch at the trained student's sparsity")
 
 
 def _spread(values: list[float], fmt: str) -> str:

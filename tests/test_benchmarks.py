@@ -112,17 +112,31 @@ def test_codebook_quantization_shares_values_and_keeps_zeros(tmp_path: Path) -> 
         assert len(torch.unique(q[q != 0])) <= 7  # 3 bits: code 0 is zero, 7 shared values
 
 
-def test_epoch_speed_interleaves_rounds_and_reports_ranges(digits_dir: Path) -> None:
+def test_epoch_speed_interleaves_rounds_and_reports_ranges(digits_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    from varstudent.artifacts import save_model
+    from varstudent.data import load_prepared
+    from varstudent.nn.architectures import build_model, build_spec
+    from varstudent.nn.variational import variational_layers
+
+    data = load_prepared(digits_dir)
+    student = build_model(build_spec("mlp-16-8", data.input_shape, data.num_classes, variational=True))
+    with torch.no_grad():  # a trained student's state: all but the first 2 inputs of each unit pruned
+        variational_layers(student)[0].weight[:, :2] = 0.5
+        variational_layers(student)[0].weight[:, 2:] = 0.0
+    save_model(student, tmp_path, "student")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "epoch_speed.py"), "--data", str(digits_dir),
-                           "--student", "mlp-16-8", "--teacher", "mlp-32-16", "--epochs", "1", "--rounds", "2"],
-                          env=env, capture_output=True, text=True, timeout=300)
+                           "--student", "mlp-16-8", "--teacher", "mlp-32-16", "--epochs", "1", "--rounds", "2",
+                           "--sparse-from", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "configuration" not in line]
-    assert len(rows) == 6 and "2 rounds" in done.stdout
+    assert len(rows) == 8 and "2 rounds" in done.stdout
     assert rows[0].endswith("| 1.00 [1.00 - 1.00] |")  # the dense student is its own baseline in every round
     assert "BSR overhead:" in done.stdout and "[" in done.stdout.split("BSR overhead:")[1]
-    assert "train_clip overhead:" in done.stdout
+    assert "train_clip overhead:" in done.stdout and "kept-weights products:" in done.stdout
+    assert "kept share per layer 3.1 %" in done.stdout  # 2 of 64 inputs: the layer the rows start from
 
 
 def test_front_plot_reads_every_row_of_a_folder_and_keeps_the_non_dominated(tmp_path: Path) -> None:

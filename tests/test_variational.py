@@ -128,24 +128,42 @@ def test_kernel_kl_does_not_depend_on_the_thread_count() -> None:
 
 def _kernel_path(path: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Selects a LinearSVD CPU training path; returns the name of its backward node.
-    fused: _LinearVDStep (the vd_step kernels); pytorch: _LinearLRT and _LayerKL in PyTorch (no compiler)."""
+    fused: _LinearVDStep (the vd_step kernels) with the dense products; kept: the same, and under train_clip
+    the mean's products over the kept weights whatever their share (kept_matmul / kept_grad); pytorch:
+    _LinearLRT and _LayerKL in PyTorch (no compiler)."""
     from varstudent.nn import variational
 
     if path == "pytorch":
         monkeypatch.setattr(variational, "vd_step_kernel", lambda: None)
         monkeypatch.setattr(variational, "vdkl_kernel", lambda: None)
-    elif variational.vd_step_kernel() is None:
+        return "_LinearLRTBackward"
+    if variational.vd_step_kernel() is None:
         pytest.skip("no C compiler: the kernel path cannot be built here")
-    return "_LinearVDStepBackward" if path == "fused" else "_LinearLRTBackward"
+    monkeypatch.setattr(variational, "KEPT_PRODUCTS_BELOW", 1.0 if path == "kept" else 0.0)
+    return "_LinearVDStepBackward"
+
+
+def _count_kept_products(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records each call of the kept-weights products (kept_matmul, kept_grad) by name."""
+    from varstudent.nn import variational
+
+    calls: list[str] = []
+    for name in ("kept_matmul", "kept_grad"):
+        def counted(*args, _name=name, _fn=getattr(variational, name)):
+            calls.append(_name)
+            return _fn(*args)
+        monkeypatch.setattr(variational, name, counted)
+    return calls
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
-@pytest.mark.parametrize("train_clip", [False, True])
-@pytest.mark.parametrize("path", ["fused", "pytorch"])
+@pytest.mark.parametrize(("train_clip", "path"), [(False, "fused"), (True, "fused"), (True, "kept"),
+                                                  (False, "pytorch"), (True, "pytorch")])
 def test_cpu_linear_training_forward_matches_autograd(bias: bool, input_grad: bool, train_clip: bool, path: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     backward_node = _kernel_path(path, monkeypatch)
+    calls = _count_kept_products(monkeypatch)
     layer = LinearSVD(30, 20, bias=bias).train()
     with torch.no_grad():
         layer.log_sigma2.uniform_(-6, 0)  # noise large enough that its gradient path matters
@@ -165,16 +183,18 @@ def test_cpu_linear_training_forward_matches_autograd(bias: bool, input_grad: bo
     torch.testing.assert_close(got, reference)  # same noise drawn at the same point
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32, summed in another order
+    assert calls == (["kept_matmul", "kept_grad"] if path == "kept" else [])
 
 
-@pytest.mark.parametrize("train_clip", [False, True])
 @pytest.mark.parametrize("scale", [0.0, 0.3, 40.0])  # 40: the KL's gradient outweighs the data's
-def test_fused_step_gradient_is_the_data_and_kl_gradient(train_clip: bool, scale: float,
+@pytest.mark.parametrize(("train_clip", "path"), [(False, "fused"), (True, "fused"), (True, "kept")])
+def test_fused_step_gradient_is_the_data_and_kl_gradient(train_clip: bool, scale: float, path: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """One training step's loss, data term + scale * KL through weighted_kl, as the student loss builds it:
     the fused node (forward's KL taken up by weighted_kl) gives autograd's gradient through the generic path
     and kl_approx, on a network with layers of one and of several kernel chunks."""
-    _kernel_path("fused", monkeypatch)
+    _kernel_path(path, monkeypatch)
+    calls = _count_kept_products(monkeypatch)
     torch.manual_seed(4)
     net = torch.nn.Sequential(LinearSVD(300, 400), torch.nn.ReLU(), LinearSVD(400, 3)).train()
     for layer in (net[0], net[2]):
@@ -207,6 +227,59 @@ def test_fused_step_gradient_is_the_data_and_kl_gradient(train_clip: bool, scale
     if train_clip:  # pruned weights: no gradient at all for their mean
         keep = net[0].keep_mask()
         assert torch.all(got_grads[0][~keep] == 0) and 0 < keep.sum() < keep.numel()
+    assert calls == (["kept_matmul"] * 2 + ["kept_grad"] * 2 if path == "kept" else [])
+
+
+def test_a_sparse_layer_trains_through_the_kept_weights_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under train_clip a layer keeping few weights computes the mean's products over those alone: the same
+    output and gradients as the dense products, bit for bit whatever the thread count; a denser one does not."""
+    from varstudent.nn import variational
+
+    if variational.kept_products_kernel() is None:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
+    calls = _count_kept_products(monkeypatch)
+    torch.manual_seed(6)
+    layer = LinearSVD(785, 301).train()  # 236,285 weights: several chunks; 785 columns: a ragged last word
+    layer.train_clip = True
+    x = torch.rand(37, 785)  # a batch that is no multiple of the kernels' four-at-a-time steps
+
+    def step() -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(7)
+        out = layer(x)
+        weighted = weighted_kl(layer, 0.5)[0]
+        return (out.detach(), *torch.autograd.grad((out * out).sum() + weighted, list(layer.parameters())))
+
+    sign = torch.where(torch.rand(layer.weight.shape) < 0.5, -1.0, 1.0)
+    # |w| >= 0.01: log alpha <= -0.8; 1e-3 times that: >= 9.8
+    weight = (torch.rand(layer.weight.shape) * 0.04 + 0.01) * sign
+
+    def keep_share(share: float) -> None:  # `share` of the weights kept, the rest far past the threshold
+        with torch.no_grad():
+            layer.weight.copy_(weight * torch.where(torch.rand(weight.shape) < share, 1.0, 1e-3))
+
+    for share, sparse in ((0.05, True), (0.5, False)):
+        keep_share(share)
+        assert abs(layer.keep_mask().float().mean() - share) < 0.01
+        calls.clear()
+        got = step()
+        assert calls == (["kept_matmul", "kept_grad"] if sparse else [])
+        monkeypatch.setattr(variational, "KEPT_PRODUCTS_BELOW", 0.0)  # the dense products, as reference
+        reference = step()
+        monkeypatch.undo()
+        calls = _count_kept_products(monkeypatch)
+        for a, b in zip(got, reference):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32, summed in another order
+    keep_share(0.08)
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(step())
+    finally:
+        torch.set_num_threads(before)
+    assert "kept_grad" in calls
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))  # bit for bit
 
 
 def test_a_cpu_batch_into_a_layer_elsewhere_is_a_torch_error_not_a_crash() -> None:

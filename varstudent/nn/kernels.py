@@ -9,7 +9,8 @@ where the compiler supports -fopenmp (vdkl.c says why that runtime), as many as 
 with VARSTUDENT_NO_KERNELS=1, the PyTorch path runs and results agree to float32 rounding. Its `vd_step` and
 `vd_step_grads` are the two passes over a LinearSVD layer's weights of a whole CPU training step: sigma^2, the
 KL and its derivative (and the train_clip mask) before the matrix products, the KL's gradient added into the
-data gradients after them (variational.py, _LinearVDStep).
+data gradients after them (variational.py, _LinearVDStep). Under train_clip, once a layer keeps few of its
+weights, `keep_index`, `kept_matmul` and `kept_grad` compute the mean's two products over the kept ones alone.
 
 blockmax.c, the BSR's l1/l_inf term of a layer (losses.py): the block maxima of |w|, the term and its
 sparse gradient's coordinates in one call on the OpenMP threads, instead of NumPy's argmax and argmin and
@@ -143,6 +144,54 @@ def vd_step_grads(grad_w: torch.Tensor | None, grad_log_sigma2: torch.Tensor | N
     tensors (either gradient, dkl and keep may be None), and only where `vd_step_kernel()` is not None."""
     vd_step_kernel()[1](_pointer(grad_w), _pointer(grad_log_sigma2), weight.data_ptr(), sigma2.data_ptr(),
                         _pointer(dkl), _pointer(keep), weight.numel(), kl_scale, torch.get_num_threads())
+
+
+@cache
+def kept_products_kernel():
+    """The compiled `keep_index`, `kept_matmul` and `kept_grad` functions (vdkl.c), or None when kernels are off
+    or cannot be built here."""
+    index = _function("vdkl", "keep_index", ctypes.c_long,
+                      [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                       ctypes.c_int])
+    matmul = _function("vdkl", "kept_matmul", None, [ctypes.c_void_p] * 6 + [ctypes.c_long] * 3 + [ctypes.c_int])
+    grad = _function("vdkl", "kept_grad", None, [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int])
+    return None if index is None or matmul is None or grad is None else (index, matmul, grad)
+
+
+def keep_index(keep: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's kept column indices of a 2-D bool mask, as (col_index (rows, cols) int32 with row i's first
+    count[i] entries filled, count (rows,) int32), or None where more than `limit` entries are kept. Contiguous
+    CPU mask, and only where `kept_products_kernel()` is not None."""
+    rows, cols = keep.shape
+    col_index = torch.empty(rows, cols, dtype=torch.int32)  # never touched past each row's count
+    count = torch.empty(rows, dtype=torch.int32)
+    total = kept_products_kernel()[0](keep.data_ptr(), rows, cols, col_index.data_ptr(), count.data_ptr(), limit,
+                                      torch.get_num_threads())
+    return (col_index, count) if total <= limit else None
+
+
+def kept_matmul(x_t: torch.Tensor, weight: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor],
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight at the kept entries only, bias) from x_t = x^T (contiguous): (batch, out), computed
+    over the kept entries `index` (keep_index) alone. Contiguous float32 CPU tensors."""
+    rows, cols = weight.shape
+    batch = x_t.shape[1]
+    out_t = torch.empty(rows, batch, dtype=weight.dtype)
+    kept_products_kernel()[1](x_t.data_ptr(), weight.data_ptr(), index[0].data_ptr(), index[1].data_ptr(),
+                              _pointer(bias), out_t.data_ptr(), rows, cols, batch, torch.get_num_threads())
+    return out_t.t().contiguous()
+
+
+def kept_grad(grad: torch.Tensor, x_t: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor],
+              shape: torch.Size) -> torch.Tensor:
+    """grad^T x at the kept entries `index` (keep_index), 0 elsewhere, of a weight of `shape`; x_t = x^T
+    (contiguous). Float32 CPU tensors."""
+    rows, cols = shape
+    grad_t = grad.t().contiguous()
+    grad_w = torch.empty(rows, cols, dtype=grad.dtype)
+    kept_products_kernel()[2](grad_t.data_ptr(), x_t.data_ptr(), index[0].data_ptr(), index[1].data_ptr(),
+                              grad_w.data_ptr(), rows, cols, x_t.shape[1], torch.get_num_threads())
+    return grad_w
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:

@@ -17,6 +17,10 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from varstudent.nn.kernels import (
+    keep_index,
+    kept_grad,
+    kept_matmul,
+    kept_products_kernel,
     vd_kl,
     vd_step,
     vd_step_grads,
@@ -30,6 +34,9 @@ KL_K1, KL_K2, KL_K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_CLIP = 8.0  # log alpha is clipped to [-8, 8] as in the reference code
 LOG_SIGMA2_INIT = -10.0  # starts every weight almost deterministic
 VAR_EPS = 1e-8  # keeps sqrt(var) differentiable where x^2 * sigma^2 == 0
+# train_clip on the CPU: a layer keeping at most this share of its weights computes the mean's two products over
+# the kept ones alone (vdkl.c, kept_matmul / kept_grad); on 2 cores they break even with the dense ones near 20 %
+KEPT_PRODUCTS_BELOW = 0.1
 
 
 def kl_approx(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -112,29 +119,33 @@ class _LayerKL(torch.autograd.Function):
         return d_log_alpha * weight * -2 / w2, d_log_alpha, None, None
 
 
-def _lrt_sample(x: torch.Tensor, mean_weight: torch.Tensor, sigma2: torch.Tensor,
-                bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def _lrt_sample(x: torch.Tensor, mean_weight: torch.Tensor, sigma2: torch.Tensor, bias: torch.Tensor | None,
+                kept: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """The local reparameterization draw of a linear layer, mean + sqrt(x^2 sigma^2^T + eps) * noise, with the
-    noise drawn last as in `VariationalLayer.forward`: (output, x^2, std, noise), the last three for the backward."""
+    noise drawn last as in `VariationalLayer.forward`: (output, x^2, std, noise), the last three for the backward.
+    kept = (x^T, keep_index(...)): the mean's product runs over the kept weights only (train_clip, sparse)."""
     x2 = x * x
-    mean = F.linear(x, mean_weight, bias)
+    mean = F.linear(x, mean_weight, bias) if kept is None else kept_matmul(kept[0], mean_weight, kept[1], bias)
     std = torch.mm(x2, sigma2.t()).add_(VAR_EPS).sqrt_()
     noise = torch.randn_like(mean)
     return mean.addcmul_(std, noise), x2, std, noise
 
 
 def _lrt_grads(needs_input_grad: tuple[bool, ...], grad: torch.Tensor, x: torch.Tensor, x2: torch.Tensor,
-               mean_weight: torch.Tensor, sigma2: torch.Tensor, std: torch.Tensor,
-               noise: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+               mean_weight: torch.Tensor, sigma2: torch.Tensor, std: torch.Tensor, noise: torch.Tensor,
+               kept: tuple | None = None) -> tuple[torch.Tensor | None, ...]:
     """The backward of `_lrt_sample` for (x, weight, log_sigma2, bias): grad_x, grad^T x (the weight's, before
-    any train_clip mask), grad_var^T x^2 (log_sigma2's before the factor sigma^2) and grad_b; None where not
-    needed. d out / d var = noise / (2 std) is computed in noise's memory: a second backward through the node
-    (retain_graph) therefore fails autograd's in-place check rather than computing with a changed noise."""
+    any train_clip mask; with `kept` as in _lrt_sample, at the kept entries only and 0 elsewhere), grad_var^T x^2
+    (log_sigma2's before the factor sigma^2) and grad_b; None where not needed. d out / d var = noise / (2 std)
+    is computed in noise's memory: a second backward through the node (retain_graph) therefore fails autograd's
+    in-place check rather than computing with a changed noise."""
     grad_var = noise.div_(std).mul_(grad).mul_(0.5)
     grad_x = None
     if needs_input_grad[0]:  # through the mean, and through x^2 in the variance: 2x (grad_var sigma^2)
         grad_x = torch.mm(grad, mean_weight).addcmul_(torch.mm(grad_var, sigma2), x, value=2.0)
-    grad_w = torch.mm(grad.t(), x) if needs_input_grad[1] else None
+    grad_w = None
+    if needs_input_grad[1]:
+        grad_w = torch.mm(grad.t(), x) if kept is None else kept_grad(grad, kept[0], kept[1], mean_weight.shape)
     grad_s = torch.mm(grad_var.t(), x2) if needs_input_grad[2] else None
     grad_b = grad.sum(0) if needs_input_grad[3] else None
     return grad_x, grad_w, grad_s, grad_b
@@ -185,6 +196,9 @@ class _LinearVDStep(torch.autograd.Function):
     from the layer (VariationalLayer.take_step_kl) instead of computing it again. Same values and gradients
     as the generic path (tests compare them; the noise is drawn at the same point). Without the layer's
     `kl_in_forward` (a loss with no KL term) the KL output is a constant 0 and is not offered to `weighted_kl`.
+    Under train_clip a layer that keeps at most KEPT_PRODUCTS_BELOW of its weights computes the mean's two
+    products, x kept^T and grad^T x, over the kept weights alone (vdkl.c: kept_matmul, kept_grad); the variance's
+    products stay dense, as every weight's variance still trains.
     """
 
     @staticmethod
@@ -194,8 +208,14 @@ class _LinearVDStep(torch.autograd.Function):
         kl_sum, sigma2, dkl, kept, keep = vd_step(weight.detach(), log_sigma2.detach(), LOG_ALPHA_CLIP,
                                                   layer.kl_grad_below, threshold, layer.kl_in_forward)
         mean_weight = weight if kept is None else kept
-        out, x2, std, noise = _lrt_sample(x, mean_weight, sigma2, bias)
-        ctx.save_for_backward(x, x2, weight, mean_weight, sigma2, std, noise, dkl, keep)
+        index = None
+        if keep is not None and kept_products_kernel() is not None and (
+                bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())):
+            index = keep_index(keep, int(KEPT_PRODUCTS_BELOW * keep.numel()))
+        sparse = None if index is None else (x.t().contiguous(), index)
+        out, x2, std, noise = _lrt_sample(x, mean_weight, sigma2, bias, sparse)
+        ctx.save_for_backward(x, x2, weight, mean_weight, sigma2, std, noise, dkl, keep,
+                              *(sparse[0], *sparse[1]) if sparse else (None, None, None))
         ctx.layer, ctx.token = weakref.ref(layer), token
         kl = torch.tensor(kl_sum, dtype=weight.dtype)
         if dkl is None:
@@ -205,12 +225,13 @@ class _LinearVDStep(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor, grad_kl: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        x, x2, weight, mean_weight, sigma2, std, noise, dkl, keep = ctx.saved_tensors
+        x, x2, weight, mean_weight, sigma2, std, noise, dkl, keep, x_t, col_index, count = ctx.saved_tensors
         layer = ctx.layer()
         if layer is not None and layer._step_kl is not None and layer._step_kl[1] is ctx.token:
             layer._step_kl = None  # this step is over: a later weighted_kl computes the KL afresh
+        sparse = None if x_t is None else (x_t, (col_index, count))
         grad_x, grad_w, grad_s, grad_b = _lrt_grads(ctx.needs_input_grad, grad, x, x2, mean_weight, sigma2, std,
-                                                    noise)
+                                                    noise, sparse)
         if grad_w is not None or grad_s is not None:  # a 0-d CPU gradient is read without a device sync
             kl_scale = grad_kl.item() if grad_kl is not None and dkl is not None else 0.0
             vd_step_grads(grad_w, grad_s, weight, sigma2, dkl if kl_scale != 0 else None, keep, kl_scale)
