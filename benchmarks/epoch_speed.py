@@ -21,6 +21,7 @@ median of the ratios within a round (configurations run back to back), with thei
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 from pathlib import Path
 
@@ -48,10 +49,11 @@ def main() -> None:
                         help="a distill output folder: two more rows starting from its student")
     args = parser.parse_args()
     trained = None
-    if args.sparse_from is not None:
-        trained = load_model(args.sparse_from, "student").state_dict()
-        shares = [float(layer.keep_mask().float().mean()) for layer in
-                  variational_layers(load_model(args.sparse_from, "student"))]
+    if args.sparse_from is not None:  # its own spec (threshold, width): the rows run at the sparsity printed
+        trained = load_model(args.sparse_from, "student")
+        if trained.spec["arch"] != args.student:
+            parser.error(f"{args.sparse_from} holds a {trained.spec['arch']} student, not {args.student}")
+        shares = [float(layer.keep_mask().float().mean()) for layer in variational_layers(trained)]
         print(f"{args.sparse_from}: kept share per layer " + ", ".join(f"{100 * v:.1f} %" for v in shares))
     data = load_prepared(Path(args.data))
     x, y, n = data.x_train, data.y_train, data.x_train.shape[0]
@@ -59,14 +61,14 @@ def main() -> None:
     teacher_logits = torch.randn(n, data.num_classes)  # the values do not change the cost
     settings = FitSettings(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, progress=False)
 
+    kept_below = variational.KEPT_PRODUCTS_BELOW
+
     def timed(is_variational: bool, kd: float, vd: float, bsr_weight: float, train_clip: bool = False,
-              start: dict | None = None, kept_below: float = variational.KEPT_PRODUCTS_BELOW) -> float:
+              start: torch.nn.Module | None = None, kept_products: bool = True) -> float:
         torch.manual_seed(0)
-        model = build_model(build_spec(args.student, data.input_shape, data.num_classes,
-                                       variational=is_variational))
-        if start is not None:
-            model.load_state_dict(start)
-        variational.KEPT_PRODUCTS_BELOW = kept_below
+        model = copy.deepcopy(start) if start is not None else build_model(
+            build_spec(args.student, data.input_shape, data.num_classes, variational=is_variational))
+        variational.KEPT_PRODUCTS_BELOW = kept_below if kept_products else 0.0
         for layer in variational_layers(model):  # as the distill stage sets them
             layer.train_clip = train_clip
             layer.kl_in_forward = vd > 0
@@ -88,8 +90,11 @@ def main() -> None:
                       ("VS + BSR", (True, 1, 1, 1e-5)), ("VS + BSR, train_clip", (True, 1, 1, 1e-5, True))]
     if trained is not None:
         configurations += [("VS + BSR, train_clip, from the trained student", (True, 1, 1, 1e-5, True, trained)),
-                           ("... the same, dense products", (True, 1, 1, 1e-5, True, trained, 0.0))]
-    rounds = [[timed(*setting) for _, setting in configurations] for _ in range(args.rounds)]
+                           ("... the same, dense products", (True, 1, 1, 1e-5, True, trained, False))]
+    try:
+        rounds = [[timed(*setting) for _, setting in configurations] for _ in range(args.rounds)]
+    finally:
+        variational.KEPT_PRODUCTS_BELOW = kept_below
     print(f"{args.student} on {n} samples, batch {args.batch_size}, {torch.get_num_threads()} threads, "
           f"median of {args.epochs} epochs" + (f"; {args.rounds} rounds, medians [range]" if args.rounds > 1 else "")
           + "\n")

@@ -241,7 +241,7 @@ def test_a_sparse_layer_trains_through_the_kept_weights_alone(monkeypatch: pytes
     torch.manual_seed(6)
     layer = LinearSVD(785, 301).train()  # 236,285 weights: several chunks; 785 columns: a ragged last word
     layer.train_clip = True
-    x = torch.rand(37, 785)  # a batch that is no multiple of the kernels' four-at-a-time steps
+    x = torch.rand(229, 785)  # 301 x 229 outputs, over one chunk: split across threads too; no multiple of 4
 
     def step() -> tuple[torch.Tensor, ...]:
         torch.manual_seed(7)
@@ -280,6 +280,37 @@ def test_a_sparse_layer_trains_through_the_kept_weights_alone(monkeypatch: pytes
     assert "kept_grad" in calls
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))  # bit for bit
+
+
+@pytest.mark.parametrize("batch", ["one", "none", "transposed", "strided"])
+@pytest.mark.parametrize("kept", [0, 3])
+def test_kept_products_take_any_batch_and_a_layer_with_nothing_kept(batch: str, kept: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _kernel_path("kept", monkeypatch)
+    calls = _count_kept_products(monkeypatch)
+    layer = LinearSVD(21, 5).train()
+    layer.train_clip = True
+    with torch.no_grad():
+        layer.weight.fill_(1e-6)  # log alpha 17.6: all pruned
+        layer.weight[:, :kept] = 0.5
+    source = torch.randn(42, 21)
+    x = {"one": source[:1], "none": source[:0], "transposed": torch.randn(21, 6).t(), "strided": source[::7]}[batch]
+    x.requires_grad_(True)
+    params = [x, layer.weight, layer.log_sigma2, layer.bias]
+
+    def step() -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(8)
+        out = layer(x)
+        return (out.detach(), *torch.autograd.grad((out * torch.arange(5.0)).sum(), params))
+
+    got = step()
+    assert calls == ["kept_matmul", "kept_grad"]
+    _kernel_path("fused", monkeypatch)
+    reference = step()
+    assert len(calls) == 2  # the reference took the dense products
+    for a, b in zip(got, reference):
+        torch.testing.assert_close(a, b)
+    assert torch.all(got[2][:, kept:] == 0)  # no gradient for a pruned weight's mean
 
 
 def test_a_cpu_batch_into_a_layer_elsewhere_is_a_torch_error_not_a_crash() -> None:

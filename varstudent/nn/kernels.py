@@ -10,7 +10,8 @@ with VARSTUDENT_NO_KERNELS=1, the PyTorch path runs and results agree to float32
 `vd_step_grads` are the two passes over a LinearSVD layer's weights of a whole CPU training step: sigma^2, the
 KL and its derivative (and the train_clip mask) before the matrix products, the KL's gradient added into the
 data gradients after them (variational.py, _LinearVDStep). Under train_clip, once a layer keeps few of its
-weights, `keep_index`, `kept_matmul` and `kept_grad` compute the mean's two products over the kept ones alone.
+weights, `keep_count`, `keep_index`, `kept_matmul` and `kept_grad` compute the mean's two products over the
+kept ones alone.
 
 blockmax.c, the BSR's l1/l_inf term of a layer (losses.py): the block maxima of |w|, the term and its
 sparse gradient's coordinates in one call on the OpenMP threads, instead of NumPy's argmax and argmin and
@@ -148,26 +149,32 @@ def vd_step_grads(grad_w: torch.Tensor | None, grad_log_sigma2: torch.Tensor | N
 
 @cache
 def kept_products_kernel():
-    """The compiled `keep_index`, `kept_matmul` and `kept_grad` functions (vdkl.c), or None when kernels are off
-    or cannot be built here."""
-    index = _function("vdkl", "keep_index", ctypes.c_long,
-                      [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-                       ctypes.c_int])
+    """The compiled `keep_count`, `keep_index`, `kept_matmul` and `kept_grad` functions (vdkl.c), or None when
+    kernels are off or cannot be built here."""
+    count = _function("vdkl", "keep_count", ctypes.c_long,
+                      [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int])
+    index = _function("vdkl", "keep_index", None,
+                      [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
     matmul = _function("vdkl", "kept_matmul", None, [ctypes.c_void_p] * 6 + [ctypes.c_long] * 3 + [ctypes.c_int])
     grad = _function("vdkl", "kept_grad", None, [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int])
-    return None if index is None or matmul is None or grad is None else (index, matmul, grad)
+    functions = (count, index, matmul, grad)
+    return None if any(f is None for f in functions) else functions
 
 
 def keep_index(keep: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Each row's kept column indices of a 2-D bool mask, as (col_index (rows, cols) int32 with row i's first
-    count[i] entries filled, count (rows,) int32), or None where more than `limit` entries are kept. Contiguous
-    CPU mask, and only where `kept_products_kernel()` is not None."""
+    """The kept entries of a 2-D bool mask, row by row, as (start (rows + 1,) int64, col_index (kept,) int32):
+    row i's column indices are col_index[start[i]:start[i + 1]]; None where more than `limit` entries are kept
+    (then only counted). Contiguous CPU mask, and only where `kept_products_kernel()` is not None."""
     rows, cols = keep.shape
-    col_index = torch.empty(rows, cols, dtype=torch.int32)  # never touched past each row's count
-    count = torch.empty(rows, dtype=torch.int32)
-    total = kept_products_kernel()[0](keep.data_ptr(), rows, cols, col_index.data_ptr(), count.data_ptr(), limit,
-                                      torch.get_num_threads())
-    return (col_index, count) if total <= limit else None
+    threads = torch.get_num_threads()
+    start = torch.zeros(rows + 1, dtype=torch.int64)
+    total = kept_products_kernel()[0](keep.data_ptr(), rows, cols, start[1:].data_ptr(), threads)
+    if total > limit:
+        return None
+    torch.cumsum(start, 0, out=start)
+    col_index = torch.empty(total, dtype=torch.int32)
+    kept_products_kernel()[1](keep.data_ptr(), rows, cols, start.data_ptr(), col_index.data_ptr(), threads)
+    return start, col_index
 
 
 def kept_matmul(x_t: torch.Tensor, weight: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor],
@@ -177,7 +184,7 @@ def kept_matmul(x_t: torch.Tensor, weight: torch.Tensor, index: tuple[torch.Tens
     rows, cols = weight.shape
     batch = x_t.shape[1]
     out_t = torch.empty(rows, batch, dtype=weight.dtype)
-    kept_products_kernel()[1](x_t.data_ptr(), weight.data_ptr(), index[0].data_ptr(), index[1].data_ptr(),
+    kept_products_kernel()[2](x_t.data_ptr(), weight.data_ptr(), index[0].data_ptr(), index[1].data_ptr(),
                               _pointer(bias), out_t.data_ptr(), rows, cols, batch, torch.get_num_threads())
     return out_t.t().contiguous()
 
@@ -189,7 +196,7 @@ def kept_grad(grad: torch.Tensor, x_t: torch.Tensor, index: tuple[torch.Tensor, 
     rows, cols = shape
     grad_t = grad.t().contiguous()
     grad_w = torch.empty(rows, cols, dtype=grad.dtype)
-    kept_products_kernel()[2](grad_t.data_ptr(), x_t.data_ptr(), index[0].data_ptr(), index[1].data_ptr(),
+    kept_products_kernel()[3](grad_t.data_ptr(), x_t.data_ptr(), index[0].data_ptr(), index[1].data_ptr(),
                               grad_w.data_ptr(), rows, cols, x_t.shape[1], torch.get_num_threads())
     return grad_w
 

@@ -209,8 +209,9 @@ class _LinearVDStep(torch.autograd.Function):
                                                   layer.kl_grad_below, threshold, layer.kl_in_forward)
         mean_weight = weight if kept is None else kept
         index = None
-        if keep is not None and kept_products_kernel() is not None and (
-                bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())):
+        cpu_bias = bias is None or (bias.device.type == "cpu" and bias.dtype == torch.float32
+                                    and bias.is_contiguous())
+        if keep is not None and KEPT_PRODUCTS_BELOW > 0 and cpu_bias and kept_products_kernel() is not None:
             index = keep_index(keep, int(KEPT_PRODUCTS_BELOW * keep.numel()))
         sparse = None if index is None else (x.t().contiguous(), index)
         out, x2, std, noise = _lrt_sample(x, mean_weight, sigma2, bias, sparse)
@@ -225,11 +226,11 @@ class _LinearVDStep(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor, grad_kl: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        x, x2, weight, mean_weight, sigma2, std, noise, dkl, keep, x_t, col_index, count = ctx.saved_tensors
+        x, x2, weight, mean_weight, sigma2, std, noise, dkl, keep, x_t, start, col_index = ctx.saved_tensors
         layer = ctx.layer()
         if layer is not None and layer._step_kl is not None and layer._step_kl[1] is ctx.token:
             layer._step_kl = None  # this step is over: a later weighted_kl computes the KL afresh
-        sparse = None if x_t is None else (x_t, (col_index, count))
+        sparse = None if x_t is None else (x_t, (start, col_index))
         grad_x, grad_w, grad_s, grad_b = _lrt_grads(ctx.needs_input_grad, grad, x, x2, mean_weight, sigma2, std,
                                                     noise, sparse)
         if grad_w is not None or grad_s is not None:  # a 0-d CPU gradient is read without a device sync

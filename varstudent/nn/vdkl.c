@@ -202,33 +202,36 @@ void vd_step_grads(float *grad_w, float *grad_log_sigma2, const float *w, const 
  * (feature-major) batches so that each kept weight touches one contiguous run of `batch` floats. Rows are
  * split across the threads, and every output is summed in the same order whatever their number. */
 
-/* The number of kept weights (keep: 0 or 1 per byte) and, where it is at most `limit`, row i's kept column
- * indices in col_index[i * cols ...] and their number in count[i] (a denser layer uses the dense products;
- * counting first keeps the cost of finding that out to one vectorized pass). Eight bytes at a time: a zero
- * word is skipped, a nonzero one's ones are found by their bits. */
-long keep_index(const unsigned char *keep, long rows, long cols, int *col_index, int *count, long limit,
-                int threads) {
+/* The number of kept weights of each row (keep: nonzero bytes) into count[i]; returns their total. One vectorized
+ * pass: a denser layer then uses the dense products without having listed anything. */
+long keep_count(const unsigned char *keep, long rows, long cols, long *count, int threads) {
     long total = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : total) if (rows * cols > CHUNK)
     for (long i = 0; i < rows; i++) {
         const unsigned char *row = keep + i * cols;
-        int n = 0;
+        long n = 0;
 #pragma omp simd reduction(+ : n)
-        for (long j = 0; j < cols; j++) n += row[j];
+        for (long j = 0; j < cols; j++) n += row[j] != 0;
         count[i] = n;
         total += n;
     }
-    if (total > limit) return total;
+    return total;
+}
+
+/* Row i's kept column indices into col_index[start[i] .. start[i + 1]) (start: keep_count's counts summed, with
+ * start[0] = 0). Eight mask bytes at a time: a zero word is skipped, a nonzero one's nonzero bytes found by their
+ * bits (keep holds 0 or 1, torch's bool). */
+void keep_index(const unsigned char *keep, long rows, long cols, const long *start, int *col_index, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols > CHUNK)
     for (long i = 0; i < rows; i++) {
         const unsigned char *row = keep + i * cols;
-        int *index = col_index + i * cols, n = 0;
-        long j = 0;
+        int *index = col_index + start[i];
+        long n = 0, j = 0;
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
         for (; j + 8 <= cols; j += 8) {
             unsigned long long word;
             __builtin_memcpy(&word, row + j, 8);
-            while (word) { /* little-endian: byte k of the word is bits 8k..8k+7 */
+            while (word) { /* byte k of the word is bits 8k..8k+7; each nonzero byte a single 1 bit */
                 index[n++] = (int)(j + (__builtin_ctzll(word) >> 3));
                 word &= word - 1;
             }
@@ -237,23 +240,22 @@ long keep_index(const unsigned char *keep, long rows, long cols, int *col_index,
         for (; j < cols; j++)
             if (row[j]) index[n++] = (int)j;
     }
-    return total;
 }
 
 /* out_t (rows x batch) = W_kept x_t (+ bias): out_t[i] = sum over the kept j of w[i, j] * x_t[j], four kept
  * weights at a time (one load and store of the partial sums for four products), in index order. */
-void kept_matmul(const float *restrict x_t, const float *restrict w, const int *restrict col_index,
-                 const int *restrict count, const float *restrict bias, float *restrict out_t, long rows, long cols,
-                 long batch, int threads) {
+void kept_matmul(const float *restrict x_t, const float *restrict w, const long *restrict start,
+                 const int *restrict col_index, const float *restrict bias, float *restrict out_t, long rows,
+                 long cols, long batch, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * batch > CHUNK)
     for (long i = 0; i < rows; i++) {
         float *restrict out = out_t + i * batch;
-        const int *index = col_index + i * cols;
+        const int *index = col_index + start[i];
         const float *row = w + i * cols;
-        const float start = bias ? bias[i] : 0.0f;
-        int k = 0, n = count[i];
+        const float first = bias ? bias[i] : 0.0f;
+        long k = 0, n = start[i + 1] - start[i];
 #pragma omp simd
-        for (long b = 0; b < batch; b++) out[b] = start;
+        for (long b = 0; b < batch; b++) out[b] = first;
         for (; k + 4 <= n; k += 4) {
             const float w0 = row[index[k]], w1 = row[index[k + 1]], w2 = row[index[k + 2]], w3 = row[index[k + 3]];
             const float *restrict x0 = x_t + (long)index[k] * batch, *restrict x1 = x_t + (long)index[k + 1] * batch;
@@ -271,15 +273,15 @@ void kept_matmul(const float *restrict x_t, const float *restrict w, const int *
 }
 
 /* grad_w (rows x cols) = grad^T x at the kept entries, 0 elsewhere: grad_w[i, j] = <grad_t[i], x_t[j]>. */
-void kept_grad(const float *restrict grad_t, const float *restrict x_t, const int *restrict col_index,
-               const int *restrict count, float *restrict grad_w, long rows, long cols, long batch, int threads) {
+void kept_grad(const float *restrict grad_t, const float *restrict x_t, const long *restrict start,
+               const int *restrict col_index, float *restrict grad_w, long rows, long cols, long batch, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols > CHUNK)
     for (long i = 0; i < rows; i++) {
         float *restrict out = grad_w + i * cols;
-        const int *index = col_index + i * cols;
+        const int *index = col_index + start[i];
         const float *restrict g = grad_t + i * batch;
         __builtin_memset(out, 0, sizeof(float) * cols);
-        int k = 0, n = count[i];
+        long k = 0, n = start[i + 1] - start[i];
         for (; k + 4 <= n; k += 4) { /* four products per load of g */
             const float *restrict x0 = x_t + (long)index[k] * batch, *restrict x1 = x_t + (long)index[k + 1] * batch;
             const float *restrict x2 = x_t + (long)index[k + 2] * batch, *restrict x3 = x_t + (long)index[k + 3] * batch;
