@@ -149,15 +149,16 @@ def vd_step_grads(grad_w: torch.Tensor | None, grad_log_sigma2: torch.Tensor | N
 
 @cache
 def kept_products_kernel():
-    """The compiled `keep_count`, `keep_index`, `kept_matmul` and `kept_grad` functions (vdkl.c), or None when
-    kernels are off or cannot be built here."""
+    """The compiled `keep_count`, `keep_index`, `kept_matmul`, `kept_grad` and `transpose` functions (vdkl.c), or
+    None when kernels are off or cannot be built here."""
     count = _function("vdkl", "keep_count", ctypes.c_long,
                       [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int])
     index = _function("vdkl", "keep_index", None,
                       [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
     matmul = _function("vdkl", "kept_matmul", None, [ctypes.c_void_p] * 6 + [ctypes.c_long] * 3 + [ctypes.c_int])
     grad = _function("vdkl", "kept_grad", None, [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int])
-    functions = (count, index, matmul, grad)
+    transpose = _function("vdkl", "transpose", None, [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_int])
+    functions = (count, index, matmul, grad, transpose)
     return None if any(f is None for f in functions) else functions
 
 
@@ -177,6 +178,15 @@ def keep_index(keep: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tens
     return start, col_index
 
 
+def transposed(matrix: torch.Tensor) -> torch.Tensor:
+    """matrix^T as a new contiguous tensor, for a contiguous 2-D float32 CPU matrix (else torch's copy)."""
+    if not (matrix.is_contiguous() and matrix.dtype == torch.float32 and matrix.dim() == 2):
+        return matrix.t().contiguous()
+    out = torch.empty(matrix.shape[1], matrix.shape[0], dtype=matrix.dtype)
+    kept_products_kernel()[4](matrix.data_ptr(), out.data_ptr(), *matrix.shape, torch.get_num_threads())
+    return out
+
+
 def kept_matmul(x_t: torch.Tensor, weight: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor],
                 bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight at the kept entries only, bias) from x_t = x^T (contiguous): (batch, out), computed
@@ -186,7 +196,7 @@ def kept_matmul(x_t: torch.Tensor, weight: torch.Tensor, index: tuple[torch.Tens
     out_t = torch.empty(rows, batch, dtype=weight.dtype)
     kept_products_kernel()[2](x_t.data_ptr(), weight.data_ptr(), index[0].data_ptr(), index[1].data_ptr(),
                               _pointer(bias), out_t.data_ptr(), rows, cols, batch, torch.get_num_threads())
-    return out_t.t().contiguous()
+    return transposed(out_t)
 
 
 def kept_grad(grad: torch.Tensor, x_t: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor],
@@ -194,7 +204,7 @@ def kept_grad(grad: torch.Tensor, x_t: torch.Tensor, index: tuple[torch.Tensor, 
     """grad^T x at the kept entries `index` (keep_index), 0 elsewhere, of a weight of `shape`; x_t = x^T
     (contiguous). Float32 CPU tensors."""
     rows, cols = shape
-    grad_t = grad.t().contiguous()
+    grad_t = transposed(grad)
     grad_w = torch.empty(rows, cols, dtype=grad.dtype)
     kept_products_kernel()[3](grad_t.data_ptr(), x_t.data_ptr(), index[0].data_ptr(), index[1].data_ptr(),
                               grad_w.data_ptr(), rows, cols, x_t.shape[1], torch.get_num_threads())

