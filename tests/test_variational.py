@@ -282,6 +282,22 @@ def test_a_sparse_layer_trains_through_the_kept_weights_alone(monkeypatch: pytes
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))  # bit for bit
 
 
+@pytest.mark.parametrize("shape", [(0, 4), (1, 5), (7, 9), (100, 784), (229, 65)])
+def test_the_c_transpose_is_the_transpose(shape: tuple[int, int]) -> None:
+    from varstudent.nn.kernels import kept_products_kernel, transposed
+
+    if kept_products_kernel() is None:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
+    matrix = torch.randn(*shape)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(transposed(matrix), matrix.t().contiguous())
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("batch", ["one", "none", "transposed", "strided"])
 @pytest.mark.parametrize("kept", [0, 3])
 def test_kept_products_take_any_batch_and_a_layer_with_nothing_kept(batch: str, kept: int,
