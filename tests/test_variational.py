@@ -100,6 +100,18 @@ def test_loading_the_kernels_leaves_subnormal_floats_alone() -> None:
     assert float(out) > 0.0  # 1e-39 is subnormal in float32: flushed, it would print 0.0
 
 
+def _at_thread_counts(run, counts: tuple[int, ...] = (1, 2, 3)) -> list:
+    """run() once at each torch thread count, the count restored afterwards: their results in order."""
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in counts:
+            torch.set_num_threads(threads)
+            results.append(run())
+    finally:
+        torch.set_num_threads(before)
+    return results
+
+
 def test_kernel_kl_does_not_depend_on_the_thread_count() -> None:
     from varstudent.nn.kernels import vd_step_kernel, vdkl_kernel
 
@@ -108,20 +120,18 @@ def test_kernel_kl_does_not_depend_on_the_thread_count() -> None:
     layer = LinearSVD(500, 400)  # 200,000 weights: 4 chunks, split across threads where OpenMP is built in
     with torch.no_grad():
         layer.log_sigma2.copy_(torch.randn(400, 500) * 6)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            kl = layer.kl()
-            results.append((kl.detach(), *torch.autograd.grad(kl, [layer.weight, layer.log_sigma2])))
-            if vd_step_kernel() is not None:  # the fused training step's KL (vd_step, vd_step_grads) too
-                layer.train()(torch.zeros(2, 500))
-                kl = weighted_kl(layer, 1.0)[0]
-                assert kl.grad_fn.next_functions[0][0].name() == "_LinearVDStepBackward"
-                results[-1] += (kl.detach(), *torch.autograd.grad(kl, [layer.weight, layer.log_sigma2]))
-    finally:
-        torch.set_num_threads(before)
+
+    def kls() -> tuple[torch.Tensor, ...]:
+        kl = layer.kl()
+        result = (kl.detach(), *torch.autograd.grad(kl, [layer.weight, layer.log_sigma2]))
+        if vd_step_kernel() is not None:  # the fused training step's KL (vd_step, vd_step_grads) too
+            layer.train()(torch.zeros(2, 500))
+            kl = weighted_kl(layer, 1.0)[0]
+            assert kl.grad_fn.next_functions[0][0].name() == "_LinearVDStepBackward"
+            result += (kl.detach(), *torch.autograd.grad(kl, [layer.weight, layer.log_sigma2]))
+        return result
+
+    results = _at_thread_counts(kls)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))  # bit for bit
 
@@ -270,13 +280,7 @@ def test_a_sparse_layer_trains_through_the_kept_weights_alone(monkeypatch: pytes
         for a, b in zip(got, reference):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32, summed in another order
     keep_share(0.08)
-    before, results = torch.get_num_threads(), []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append(step())
-    finally:
-        torch.set_num_threads(before)
+    results = _at_thread_counts(step)
     assert "kept_grad" in calls
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))  # bit for bit
@@ -289,13 +293,8 @@ def test_the_c_transpose_is_the_transpose(shape: tuple[int, int]) -> None:
     if kept_products_kernel() is None:
         pytest.skip("no C compiler: the kernel path cannot be built here")
     matrix = torch.randn(*shape)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            assert torch.equal(transposed(matrix), matrix.t().contiguous())
-    finally:
-        torch.set_num_threads(before)
+    for result in _at_thread_counts(lambda: transposed(matrix), (1, 2)):
+        assert torch.equal(result, matrix.t().contiguous())
 
 
 @pytest.mark.parametrize("batch", ["one", "none", "transposed", "strided"])
