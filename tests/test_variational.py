@@ -153,6 +153,14 @@ def _kernel_path(path: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return "_LinearVDStepBackward"
 
 
+def _assert_close_as_sums(got: torch.Tensor, reference: torch.Tensor) -> None:
+    """Equal up to float32 sums taken in another order (another BLAS, another CPU): an element near zero that
+    cancels terms as large as the tensor's largest may differ by ~1e-7 of those terms per term, so the absolute
+    tolerance scales with the reference's magnitude (a lost or doubled weight is off by orders more)."""
+    scale = max(1.0, reference.abs().max().item()) if reference.numel() else 1.0
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-6 * scale)
+
+
 def _count_kept_products(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records each call of the kept-weights products (kept_matmul, kept_grad) by name."""
     from varstudent.nn import variational
@@ -192,7 +200,7 @@ def test_cpu_linear_training_forward_matches_autograd(bias: bool, input_grad: bo
     grads = torch.autograd.grad((got * weight_out).pow(2).sum(), wanted)  # the fused KL output unused: no KL
     torch.testing.assert_close(got, reference)  # same noise drawn at the same point
     for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32, summed in another order
+        _assert_close_as_sums(a, b)
     assert calls == (["kept_matmul", "kept_grad"] if path == "kept" else [])
 
 
@@ -278,7 +286,7 @@ def test_a_sparse_layer_trains_through_the_kept_weights_alone(monkeypatch: pytes
         monkeypatch.undo()
         calls = _count_kept_products(monkeypatch)
         for a, b in zip(got, reference):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32, summed in another order
+            _assert_close_as_sums(a, b)
     keep_share(0.08)
     results = _at_thread_counts(step)
     assert "kept_grad" in calls
