@@ -25,6 +25,20 @@ def test_variational_layer_agrees_between_cpu_and_cuda() -> None:
     torch.testing.assert_close(gpu(x.cuda()).cpu(), out_cpu, rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Prepared digits written without the data-validation gate: a bare GPU node (the lent machine's image) may
+    lack great_expectations, and these tests check the CUDA path, not the data (test_data covers the gate)."""
+    from varstudent.data import write_prepared
+    from varstudent.data.prepare import as_uint8
+    from varstudent.data.sources import load_dataset
+
+    out = tmp_path_factory.mktemp("digits-gpu") / "prepare"
+    x_train, y_train, x_test, y_test, classes = load_dataset("digits", out.parent / "raw", 0, 0.2)
+    write_prepared(out, "digits", as_uint8(x_train), y_train, as_uint8(x_test), y_test, classes)
+    return out
+
+
 def test_distill_stage_runs_on_cuda(tmp_path, digits_dir) -> None:
     from varstudent import stages
     from varstudent.config import load_params
