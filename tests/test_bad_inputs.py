@@ -376,3 +376,32 @@ def test_a_read_only_output_folder_is_a_clear_error(finished: Path, tmp_path: Pa
         out.chmod(0o755)
     assert_clean_error(result, "Permission denied", str(out))
     assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["registry"], "No such command 'registry'"),
+    (["run", "--bogus"], "No such option: --bogus"),
+    (["predict"], "Missing argument 'MODEL'"),
+    (["tune", "--workers", "0"], "--workers"),
+])
+def test_a_command_line_mistake_is_a_usage_error_not_a_traceback(args: list[str], fragment: str, tmp_path: Path,
+                                                                 monkeypatch, capsys) -> None:
+    """typer >= 0.29 raises its own copy of click's usage errors: they must still end as click's usual message."""
+    result = run_main(args, tmp_path, monkeypatch, capsys)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and fragment in result.stderr, result.stderr[-2000:]
+    assert "Usage: " in result.stderr
+
+
+def test_ctrl_c_ends_a_stage_with_130_and_says_so(tmp_path: Path, monkeypatch, capsys) -> None:
+    """An interrupted run must not read as a success (`varstudent run && deploy`): typer turns Ctrl-C into a
+    returned exit code, which main() once dropped (exit 0, no message)."""
+    from varstudent import stages
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "prepare", interrupted)
+    result = run_main(["prepare", "--out", str(tmp_path / "out"), *_sets()], tmp_path, monkeypatch, capsys)
+    assert result.returncode == 130, (result.returncode, result.stderr[-2000:])
+    assert "varstudent: interrupted" in result.stderr and "Traceback" not in result.stderr

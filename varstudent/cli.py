@@ -186,31 +186,59 @@ from varstudent.cli_pipeline import app as pipeline_app  # noqa: E402
 app.add_typer(pipeline_app, name="pipeline")
 
 
-def main() -> None:
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Click's usage errors, and typer's own copy of them: typer >= 0.29 vendors click as typer._click, whose
+    exceptions are not click's (catching click's alone let every usage error end in a traceback)."""
     import click
 
+    errors: list[type[BaseException]] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        errors.append(VendoredClickException)
+    except ImportError:  # a typer that uses click itself
+        pass
+    return tuple(errors)
+
+
+def _aborts() -> tuple[type[BaseException], ...]:
+    import click
+
+    aborts: list[type[BaseException]] = [click.exceptions.Abort, KeyboardInterrupt]
+    if hasattr(typer, "Abort") and typer.Abort not in aborts:
+        aborts.append(typer.Abort)
+    return tuple(aborts)
+
+
+INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C (128 + SIGINT)
+
+
+def main() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("varstudent: %(message)s"))
     logger = logging.getLogger("varstudent")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False: errors reach the handlers below; typer turns Ctrl-C into Exit(130) and a
+        # typer.Exit into its code, both *returned* here - dropping the value made an interrupted run exit 0
+        code = app(standalone_mode=False)
     except VarstudentError as exc:
         print(f"varstudent: error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except _usage_errors() as exc:
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    except _aborts():
         print("varstudent: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("varstudent: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except OSError as exc:  # disk full, permission denied: the user can act on these
         print(f"varstudent: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         sys.exit(1)
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        if code == INTERRUPTED:
+            print("varstudent: interrupted", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":
