@@ -144,6 +144,30 @@ def test_bad_idx_data_fails_prepare_naming_the_expectation(tmp_path: Path, damag
     assert after == before  # same bytes, same modification times: not even rewritten
 
 
+@pytest.mark.parametrize("first_run", [True, False], ids=["fresh-out", "over-good-data"])
+def test_the_cli_keeps_the_failure_report_where_its_message_says(tmp_path: Path, first_run: bool) -> None:
+    """The CLI stages its writes in a folder a failure deletes: the report must land in OUT/prepare itself."""
+    out = tmp_path / "artifacts"
+    if not first_run:
+        good = write_idx_folder(tmp_path / "good", good_arrays())
+        assert cli("prepare", "--set", f"data.dataset=dir:{good}", "--set", "tracking.enabled=false",
+                   "--out", str(out), cwd=tmp_path).returncode == 0
+    before = _fingerprint(out / "prepare") if not first_run else {}
+    arrays = good_arrays()
+    _label_ten(arrays)
+    bad = write_idx_folder(tmp_path / "bad", arrays)
+    result = cli("prepare", "--set", f"data.dataset=dir:{bad}", "--set", "tracking.enabled=false", "--out",
+                 str(out), cwd=tmp_path)
+    report = out / "prepare" / "validation-failed.html"
+    assert_clean_error(result, "data validation failed")
+    assert f"except the report {report}" in result.stderr, result.stderr
+    assert "FAILED" in report.read_text()
+    after = _fingerprint(out / "prepare")
+    after.pop("validation-failed.html")
+    assert after == before  # the last good data untouched (nothing at all on a first run)
+    assert not [p for p in out.iterdir() if p.name.endswith(".staging")]
+
+
 @pytest.mark.parametrize(("damage", "needle"), [
     (lambda f: (f / IDX[2]).write_bytes((f / IDX[2]).read_bytes()[:-5]), "truncated data"),
     (lambda f: (f / IDX[1]).write_bytes(b""), "empty file"),

@@ -61,7 +61,7 @@ def call_stage(name: str, params, d: dict[str, Path], tracker=None, out: Path | 
     ckpt = out / "checkpoints" if out is not None else None
     # each stage writes into a staging folder (`to`) that replaces OUT/<stage>/ only once it succeeded
     calls: dict[str, Callable[[Path], dict[str, Any]]] = {
-        "prepare": lambda to: stages.prepare(params, to),
+        "prepare": lambda to: stages.prepare(params, to, report_dir=d["prepare"]),
         "teacher": lambda to: stages.teacher(params, d["prepare"], to, ckpt / "teacher" if ckpt else None),
         "distill": lambda to: stages.distill(params, d["prepare"], d["teacher"], to,
                                              ckpt / "distill" if ckpt else None),

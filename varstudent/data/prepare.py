@@ -51,7 +51,8 @@ def _suite(dataset: str, splits: dict, classes: list[int], layout: Layout, cfg: 
     return run_suite(dataset, splits, classes, layout, cfg.max_class_ratio)
 
 
-def prepare_dataset(data: DataConfig, validate: ValidateConfig, seed: int, out_dir: Path) -> dict[str, Any]:
+def prepare_dataset(data: DataConfig, validate: ValidateConfig, seed: int, out_dir: Path,
+                    report_dir: Path | None = None) -> dict[str, Any]:
     """Decode `data.dataset`, gate it with the validation suite, subset and write; return the manifest
     (which records the subset and the validation summary) plus `validation_seconds`."""
     from varstudent.data.validate import FAILED_REPORT_FILE
@@ -62,7 +63,7 @@ def prepare_dataset(data: DataConfig, validate: ValidateConfig, seed: int, out_d
     result = _suite(data.dataset, splits, classes, expected_layout(data.dataset, data.test_fraction), validate)
     out_dir = Path(out_dir)
     if not result.success:
-        report = result.write(out_dir, FAILED_REPORT_FILE)
+        report = result.write(Path(report_dir or out_dir), FAILED_REPORT_FILE)
         raise DataError(f"{result.message()}\nnothing was written to {out_dir} except the report {report}")
     n_source = len(y_train)
     x_train, y_train = subset_train(x_train, y_train, seed, data.train_size, data.fraction)
