@@ -168,6 +168,15 @@ CASES: list[tuple[str, str, list[str], Setup, tuple[str, ...]]] = [
     ("section-as-scalar", "teacher", ["distill=3"], NONE, ("distill: expected a mapping",)),
     ("params-not-yaml", "teacher", [], _params_file("teacher: [unclosed\n"), ("not valid YAML",)),
     ("params-a-list", "teacher", [], _params_file("- teacher\n- distill\n"), ("expected a mapping of sections",)),
+    ("params-not-utf8", "teacher", [], lambda out, tmp: ["--params", str(_write_bytes(tmp / "bin.yaml", b"\xff\xfe"))],
+     ("bin.yaml: not a UTF-8 text file",)),
+    ("tracking-uri-file-store", "teacher", ["tracking.uri=file:///tmp/mlruns"], NONE,
+     ("tracking.uri: unknown name 'file:///tmp/mlruns'", "sqlite:///FILE")),
+    ("tracking-uri-no-scheme", "teacher", ["tracking.uri=bogus"], NONE, ("tracking.uri: unknown name 'bogus'",)),
+    ("arch-zero-units", "teacher", ["teacher.arch=mlp-0-10"], NONE,
+     ("teacher.arch: hidden layer sizes must be 1..16384; got 0",)),
+    ("arch-absurd-units", "distill", ["student.arch=mlp-100000000-10"], NONE,
+     ("student.arch: hidden layer sizes must be 1..16384; got 100000000",)),
     ("params-missing", "teacher", [], lambda out, tmp: ["--params", str(tmp / "nope.yaml")],
      ("params file not found",)),
     ("bsr-depth-mismatch", "distill", ["student.arch=mlp-16", "distill.bsr_weight=0.001"], NONE,
@@ -234,6 +243,11 @@ CASES: list[tuple[str, str, list[str], Setup, tuple[str, ...]]] = [
     ("out-is-a-file", "teacher", [], lambda out, tmp: ["--out", str(_touch(tmp / "a-file"))],
      ("is a file, not a folder",)),
 ]
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def _touch(path: Path) -> Path:

@@ -22,11 +22,23 @@ from varstudent.errors import ConfigError
 ARCH_PATTERN = r"mlp(-\d+)+|lenet-300-100|lenet5|vgg-like"
 DATASET_PATTERN = r"mnist|fashion-mnist|cifar10|mnist5k|digits|dir:.+"
 TEACHER_SOURCE_PATTERN = r"train|models:/[^/@]+(@[A-Za-z0-9_-]+|/\d+)"
+# MLflow stores this project can log to: a database or a tracking server (MLflow 3 keeps its plain-folder file
+# store in maintenance mode and refuses it; an unsupported scheme failed only when the first stage logged)
+TRACKING_URI_PATTERN = r"sqlite:///.+|https?://.+|(postgresql|mysql|mssql)(\+\w+)?://.+"
 # upper bounds that catch a typo (an extra zero or two) before it turns into an out-of-memory crash or a
 # year-long run; far above anything this project trains
 MAX_WIDTH = 64.0
 MAX_EPOCHS = 100_000
 MAX_LOSS_WEIGHT = 1e6
+MAX_UNITS = 16_384  # per hidden layer of mlp-H1-H2-...
+
+
+def _check_hidden_units(name: str, arch: str) -> None:
+    """mlp-H1-H2-...: every H in 1..MAX_UNITS (0 trained a dead layer; a typo's extra digits ran out of memory)."""
+    if arch.startswith("mlp-"):
+        bad = [int(h) for h in arch.split("-")[1:] if not 1 <= int(h) <= MAX_UNITS]
+        if bad:
+            raise ConfigError(f"{name}: hidden layer sizes must be 1..{MAX_UNITS}; got {bad[0]} in {arch!r}")
 
 
 def _f(default: Any, why: str, *, lo: float | None = None, hi: float | None = None,
@@ -84,11 +96,17 @@ class TeacherConfig:
     shift: int = _f(0, "teacher training images are shifted by up to this many pixels each way (random, "
                     "zero fill); 0 = off", lo=0, hi=16)
 
+    def __post_init__(self) -> None:
+        _check_hidden_units("teacher.arch", self.arch)
+
 
 @dataclass(frozen=True)
 class StudentConfig:
     arch: str = _f("mlp-500-50", "as teacher.arch; built with sparse variational layers", pattern=ARCH_PATTERN)
     width: float = _f(1.0, "multiplies every hidden width", lo=0.0, hi=MAX_WIDTH, lo_open=True)
+
+    def __post_init__(self) -> None:
+        _check_hidden_units("student.arch", self.arch)
 
 
 @dataclass(frozen=True)
@@ -179,7 +197,9 @@ class ServicesConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = _f(True, "log one MLflow run per stage")
-    uri: str = _f("sqlite:///mlruns.db", "MLflow tracking URI; sqlite is the embedded default")
+    uri: str = _f("sqlite:///mlruns.db", "MLflow tracking URI; sqlite is the embedded default",
+                  pattern=TRACKING_URI_PATTERN,
+                  known="sqlite:///FILE, http(s)://HOST[:PORT], postgresql://..., mysql://..., mssql://...")
     experiment: str = _f("varstudent", "MLflow experiment name")
 
 
@@ -411,7 +431,9 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"params file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file (a params file is YAML)") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
