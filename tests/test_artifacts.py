@@ -40,6 +40,7 @@ def test_round_trip_gives_the_same_function(saved) -> None:
     assert torch.equal(loaded(x), net(x))
     doc = json.loads((folder / "m.json").read_text())
     assert doc["meta"] == {"note": "x"} and doc["spec"]["variational"] is True
+    assert torch.equal(load_model(str(folder), "m")(x), net(x))  # the README's load_model(folder, name): a str too
 
 
 def test_no_pickle_anywhere(saved) -> None:

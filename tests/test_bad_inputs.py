@@ -237,6 +237,9 @@ CASES: list[tuple[str, str, list[str], Setup, tuple[str, ...]]] = [
         out / "teacher/teacher.safetensors", out / "teacher/teacher.json",
         lambda t: t.update({k: np.full_like(v, np.nan) for k, v in t.items() if k.endswith("weight")}))),
      ("distill: loss is nan at epoch 1, batch 1 (non-finite term: KD, BSR)",)),
+    ("distill-metrics-not-an-object", "evaluate", [],
+     _damage(lambda out: (out / "distill/metrics.json").write_text("[]")),
+     ("distill metrics is not an object but list",)),
     ("no-student", "prune", [], _damage(lambda out: shutil.rmtree(out / "distill")),
      ("no student found", "run `varstudent distill` first")),
     ("no-compact", "evaluate", [], _damage(lambda out: shutil.rmtree(out / "prune")), ("compact", "not found")),
@@ -397,6 +400,8 @@ def test_a_read_only_output_folder_is_a_clear_error(finished: Path, tmp_path: Pa
     (["run", "--bogus"], "No such option: --bogus"),
     (["predict"], "Missing argument 'MODEL'"),
     (["tune", "--workers", "0"], "--workers"),
+    (["predict", "model", "--input", "x.npy", "--threads", "-1"], "--threads"),
+    (["predict", "model", "--input", "x.npy", "--threads", "100000"], "--threads"),  # once a segfault
 ])
 def test_a_command_line_mistake_is_a_usage_error_not_a_traceback(args: list[str], fragment: str, tmp_path: Path,
                                                                  monkeypatch, capsys) -> None:
@@ -419,3 +424,9 @@ def test_ctrl_c_ends_a_stage_with_130_and_says_so(tmp_path: Path, monkeypatch, c
     result = run_main(["prepare", "--out", str(tmp_path / "out"), *_sets()], tmp_path, monkeypatch, capsys)
     assert result.returncode == 130, (result.returncode, result.stderr[-2000:])
     assert "varstudent: interrupted" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compiling_the_pipeline_to_a_non_yaml_file_is_one_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    result = run_main(["pipeline", "compile", "--output", str(tmp_path / "afile")], tmp_path, monkeypatch, capsys)
+    assert_clean_error(result, "--output", "name a .yaml file")
+    assert not (tmp_path / "afile").exists()

@@ -14,7 +14,7 @@ from tests.conftest import assert_clean_error, cli
 from tests.test_prune import randomly_sparse, set_keep
 from varstudent.artifacts import save_model
 from varstudent.config import EXPORT_FORMATS
-from varstudent.errors import ArtifactError
+from varstudent.errors import ArtifactError, DataError
 from varstudent.export import (
     FILES,
     FLOAT32_TOLERANCE,
@@ -548,6 +548,22 @@ def test_predict_reads_images(exported: Path, tmp_path: Path) -> None:
     assert torch.allclose(x[0], torch.from_numpy(pixels / 255.0).float()[None])
     assert torch.allclose(x[2], x[0])
     assert (x[1] - x[0]).abs().mean() < 0.15  # the same picture after a round trip through RGB and resizing
+    # 16-bit grayscale: the same picture on 0..65535 (Pillow's convert("L") clipped it: every lit pixel white)
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "d16.png")
+    Image.fromarray(pixels.astype(np.uint16) * 257).resize((16, 16)).save(tmp_path / "e16.png")
+    x16 = read_inputs([tmp_path / "d16.png", tmp_path / "e16.png"], (1, 8, 8))
+    assert torch.allclose(x16[0], x[0], atol=1e-6)
+    assert (x16[1] - x[0]).abs().mean() < 0.15
+
+
+def test_predict_names_non_finite_pixels(tmp_path: Path) -> None:
+    from varstudent.predict import read_inputs
+
+    batch = np.full((2, 8, 8), 0.5, dtype=np.float32)
+    batch[1, 3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", batch)
+    with pytest.raises(DataError, match="nan.npy: 1 pixels are NaN or infinite"):
+        read_inputs([tmp_path / "nan.npy"], (1, 8, 8))
 
 
 @pytest.mark.parametrize("codes", [

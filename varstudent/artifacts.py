@@ -28,13 +28,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_json(path: Path, what: str) -> Any:
+def read_json(path: Path, what: str, kind: type = dict) -> Any:
+    """The JSON document at `path`, which must be a `kind` (an object, or a list for histories): a file that
+    parses as something else (say `[]` for metrics) is damaged, and reading fields from it would crash."""
+    path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ArtifactError(f"{what} is not valid JSON: {path}") from None
+    if not isinstance(doc, kind):
+        expected = "an object" if kind is dict else f"a {kind.__name__}"
+        raise ArtifactError(f"{what} is not {expected} but {type(doc).__name__}: {path} (damaged?)")
+    return doc
 
 
 def write_tensors(directory: Path, name: str, tensors: dict[str, torch.Tensor], doc: dict[str, Any],
@@ -59,6 +66,8 @@ def write_tensors(directory: Path, name: str, tensors: dict[str, torch.Tensor], 
 def read_tensors(directory: Path, name: str, what: str = "model") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """NAME.json and the tensors of NAME.safetensors, after checking the version and the sha256."""
     from safetensors.torch import load
+
+    directory = Path(directory)  # a str folder from library users
 
     doc = read_json(directory / f"{name}.json", f"{what} spec")
     weights = directory / f"{name}.safetensors"
@@ -92,6 +101,7 @@ def save_model(model: Net, directory: Path, name: str = "model", meta: dict[str,
 
 
 def load_model(directory: Path, name: str = "model", device: str | torch.device = "cpu") -> Net:
+    directory = Path(directory)
     doc, tensors = read_tensors(directory, name)
     if "spec" not in doc:
         raise ArtifactError(f"{directory / (name + '.json')}: not a varstudent model spec "

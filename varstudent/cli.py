@@ -131,7 +131,7 @@ def predict_command(
         format_: str | None = typer.Option(None, "--format", help="export format in the folder (default: the "
                                            "first of export.formats at prune time)"),
         json_: bool = typer.Option(False, "--json", help="print JSON instead of index<TAB>class<TAB>probability"),
-        threads: int = typer.Option(0, "--threads", help="CPU threads; 0 = torch's default")) -> None:
+        threads: int = typer.Option(0, "--threads", min=0, max=1024, help="CPU threads; 0 = torch's default")) -> None:
     """Classify inputs with an exported student: one line per sample, index, class and probability."""
     import json
 

@@ -73,6 +73,8 @@ def compile_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt,
     """Write the pipeline's IR YAML; every stage setting is a parameter defaulting to params.yaml."""
     from pipelines.training import compile_pipeline
 
+    if output is not None and output.suffix not in (".yaml", ".yml"):  # kfp's compiler raises a bare ValueError
+        raise ConfigError(f"--output {output}: the pipeline's IR is YAML; name a .yaml file")
     path = compile_pipeline(_load(params, set_), output or default_package(out, pipeline), _builder(pipeline))
     typer.echo(f"compiled {path}")
 

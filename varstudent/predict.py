@@ -24,7 +24,9 @@ def _scaled(array: np.ndarray, where: str) -> np.ndarray:
             raise DataError(f"{where}: integer pixels must lie in 0..255, got {array.min()}..{array.max()}")
         return array.astype(np.float32) / 255.0
     if array.dtype.kind == "f":
-        if array.size and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+        if array.size and not np.isfinite(array).all():
+            raise DataError(f"{where}: {int((~np.isfinite(array)).sum())} pixels are NaN or infinite")
+        if array.size and not (array.min() >= 0 and array.max() <= 1):
             raise DataError(f"{where}: float pixels must lie in 0..1 (uint8 for 0..255), got "
                             f"{np.nanmin(array):.3g}..{np.nanmax(array):.3g}")
         return array.astype(np.float32)
@@ -61,10 +63,18 @@ def read_image(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
         raise DataError(f"{path}: the model takes {c}-channel inputs; pass them as a .npy batch")
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if c == 1 else "RGB")
-            if image.size != (w, h):
-                image = image.resize((w, h), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
+            if image.mode.startswith("I") and c == 1:
+                # 16-bit grayscale (PNG, TIFF): convert("L") clips it at 255 (every lit pixel white); scale its
+                # 0..65535 in floats instead
+                image = (image.convert("I") if image.mode != "I" else image).convert("F")
+                if image.size != (w, h):
+                    image = image.resize((w, h), Image.Resampling.BILINEAR)
+                array = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
+            else:
+                image = image.convert("L" if c == 1 else "RGB")
+                if image.size != (w, h):
+                    image = image.resize((w, h), Image.Resampling.BILINEAR)
+                array = np.asarray(image, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: not an image this version can read ({str(exc).splitlines()[0][:120]})") from None
     array = array[None, None] if c == 1 else array.transpose(2, 0, 1)[None]  # (1, C, H, W)

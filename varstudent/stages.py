@@ -378,7 +378,7 @@ def evaluate(params: Params, data_dir: Path, teacher_dir: Path, student_dir: Pat
     if distill_metrics.is_file():
         metrics["stop_reason"] = read_json(distill_metrics, "distill metrics").get("stop_reason")
     history_path = student_dir / "history.json"
-    history = read_json(history_path, "distill history") if history_path.is_file() else []
+    history = read_json(history_path, "distill history", list) if history_path.is_file() else []
     kept = compact_net.input_index.cpu() if compact_net.input_index is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():

@@ -375,7 +375,7 @@ def _history_metrics(path: Path, now: int) -> list[Any]:
 
     if not path.is_file():
         return []
-    rows = read_json(path, "training history")
+    rows = read_json(path, "training history", list)
     return [Metric(f"epoch/{key}", float(value), now, int(row.get("epoch", i)))
             for i, row in enumerate(rows) for key, value in row.items()
             if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)]
