@@ -162,6 +162,7 @@ def test_local_run_matches_the_cli_numbers(tmp_path: Path) -> None:
                 str(tmp_path / "published"), cwd=tmp_path, env=env)
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
     assert "compact student" in local.stdout and "compression:" in local.stdout  # the evaluate summary
+    assert "Skipping registering" not in local.stdout + local.stderr  # the executor's import noise, unless --verbose
     direct = cli("run", *_sets(TINY), "--out", str(tmp_path / "direct"), cwd=tmp_path, env=env)
     assert direct.returncode == 0, direct.stderr[-3000:]
     expected = json.loads((tmp_path / "direct/evaluate/metrics.json").read_text())

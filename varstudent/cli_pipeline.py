@@ -92,7 +92,10 @@ class _TaskLog(io.TextIOBase):
             plain = line.strip()  # kfp.local indents a task's output
             if plain.startswith("varstudent: error:"):
                 self.error_lines.append(plain)
-            if self.verbose or plain.startswith(("varstudent:", "[KFP Executor")):
+            # the executor's start/finish lines, but not the hundreds it logs while importing a task's
+            # modules (great_expectations registers closures: "Skipping registering function ... closure")
+            executor = plain.startswith("[KFP Executor") and "Skipping registering" not in plain
+            if self.verbose or plain.startswith("varstudent:") or executor:
                 self.target.write(line + "\n")
         return len(text)
 
