@@ -177,6 +177,7 @@ CASES: list[tuple[str, str, list[str], Setup, tuple[str, ...]]] = [
      ("teacher.arch: hidden layer sizes must be 1..16384; got 0",)),
     ("arch-absurd-units", "distill", ["student.arch=mlp-100000000-10"], NONE,
      ("student.arch: hidden layer sizes must be 1..16384; got 100000000",)),
+    ("dataset-dir-without-path", "prepare", ["data.dataset=dir:"], NONE, ("data.dataset", "dir:PATH needs its PATH")),
     ("params-missing", "teacher", [], lambda out, tmp: ["--params", str(tmp / "nope.yaml")],
      ("params file not found",)),
     ("bsr-depth-mismatch", "distill", ["student.arch=mlp-16", "distill.bsr_weight=0.001"], NONE,

@@ -368,6 +368,9 @@ def _check_value(name: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"{name}: expected a finite number, got {value!r}")
     elif typ is str:
+        if isinstance(value, dict) and len(value) == 1 and None in value.values():  # YAML read `dir:` as a key
+            raise ConfigError(f"{name}: expected a string, got {next(iter(value))}: with nothing after the "
+                              "colon (e.g. dir:PATH needs its PATH)")
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
     meta = f.metadata

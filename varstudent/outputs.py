@@ -64,7 +64,8 @@ def out_lock(root: Path) -> Iterator[None]:
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         if previous:  # the last holder exited without tidying up (e.g. it was killed): its lock is free now
             log.info("taking over the lock of a finished or dead run (%s)", previous)
-        command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
+        command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+        command = command if len(command) <= 200 else command[:199] + "…"  # cut: say so, it names options
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, `{command}`, since {time.strftime('%H:%M:%S')}".encode(), 0)
         _held[root] = 1
