@@ -140,6 +140,29 @@ def test_a_resumed_study_continues_to_its_total_budget(tmp_path: Path, digits_di
     assert states[orphan.number].user_attrs[tune.FAIL_ATTR] == "worker process ended with status -9"
     assert states[alive.number].state == optuna.trial.TrialState.RUNNING
 
+    # reading commands (`tune report`, `tune best`) name a study: a typo is an error, not a new empty study
+    typo = load_params(None, tiny(tmp_path, "tracking.enabled=false", "tune.study_name=typo"))
+    with pytest.raises(ConfigError, match="no study 'typo' in this storage"):
+        tune.open_study(typo, storage, must_exist=True)
+    assert "typo" not in optuna.study.get_all_study_names(storage)
+
+
+def test_a_lost_workers_trial_that_took_the_last_of_the_budget_is_failed_by_the_next_worker(
+        tmp_path: Path, digits_dir: Path) -> None:
+    out = prepared_out(tmp_path, digits_dir)
+    params = load_params(None, tiny(tmp_path, "tune.n_trials=1", "tracking.enabled=false",
+                                    "tune.heartbeat_interval=1", "tune.grace_period=2"))
+    teacher_dir = tune.prepare_study_inputs(params, out, None)
+    storage = tune.open_storage(params, tune.storage_url(params, out))
+    study = tune.open_study(params, storage)
+    lost = study.ask()  # the budget's only trial, taken by a worker that then died
+    storage.record_heartbeat(lost._trial_id)
+    time.sleep(2.5)  # past the grace period
+    assert tune.work(tune.open_study(params, storage), params, out, teacher_dir, []) == 0  # no budget left
+    (trial,) = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL  # not RUNNING for ever
+    assert tune.trial_rows(study)[0]["fail_reason"] == tune.STALE_REASON
+
 
 def _dominates(a: dict, b: dict) -> bool:
     return a["val_accuracy"] >= b["val_accuracy"] and a["compression"] >= b["compression"] and \
@@ -257,3 +280,6 @@ def test_bad_tune_settings_and_an_unreachable_storage_are_one_line_errors(tmp_pa
     assert_clean_error(refused, "Optuna storage postgresql+psycopg://u:***@127.0.0.1")
     assert "secret" not in refused.stderr
     assert not (tmp_path / "artifacts").exists()  # failed before preparing data or training a teacher
+    for command in ("report", "best"):
+        typo = cli("tune", command, "--study", "typo", "--set", "tracking.enabled=false", cwd=tmp_path)
+        assert_clean_error(typo, "no study 'typo' in this storage")

@@ -42,14 +42,14 @@ def _settings(params_file: Path, overrides: list[str] | None, storage: str | Non
 class _Session:
     """The study, its storage and (when tracking is on) its MLflow run, opened the same way by every command."""
 
-    def __init__(self, params, out: Path, worker_index: int = 0) -> None:
+    def __init__(self, params, out: Path, worker_index: int = 0, must_exist: bool = False) -> None:
         from varstudent import tune
 
         self.params, self.out = params, out
         self.tracker, self.parent_run_id = None, None
         self.url = tune.storage_url(params, out)
         storage = tune.open_storage(params, self.url, self.log_stale_trial)
-        self.study = tune.open_study(params, storage, worker_index)
+        self.study = tune.open_study(params, storage, worker_index, must_exist)
         if params.tracking.enabled:
             from varstudent.tune_tracking import StudyTracker
 
@@ -125,7 +125,8 @@ def write_best(settings, out: Path, max_accuracy_drop: float, to: Path) -> tuple
     from varstudent.fileio import atomic_write_bytes
 
     session = _Session(dataclasses.replace(settings, tracking=dataclasses.replace(settings.tracking,
-                                                                                   enabled=False)), out)
+                                                                                   enabled=False)), out,
+                       must_exist=True)
     rows = tune.trial_rows(session.study)
     chosen = tune.choose_tradeoff(rows, tune.pareto_numbers(session.study), max_accuracy_drop)
     best = tune.params_for_trial(settings, chosen)
@@ -207,7 +208,7 @@ def report_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, ou
 def report_study(settings, out: Path) -> dict[str, Any]:
     """The study's Pareto report under OUT/tune/studies/S/report/, logged to its MLflow run (ended once the
     budget is used): `tune report`, and the tune_pick task of the tuning pipeline."""
-    return _Session(settings, out).report()
+    return _Session(settings, out, must_exist=True).report()
 
 
 @tune_app.command("best")

@@ -209,8 +209,16 @@ def make_sampler(params: Params, worker_index: int) -> optuna.samplers.BaseSampl
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def open_study(params: Params, storage: optuna.storages.BaseStorage, worker_index: int = 0) -> optuna.Study:
+def open_study(params: Params, storage: optuna.storages.BaseStorage, worker_index: int = 0,
+               must_exist: bool = False) -> optuna.Study:
+    """The study named tune.study_name, created if new; `must_exist` (reading commands): a name the storage
+    does not hold is an error, not a new empty study (a typo used to create one and report 0 trials)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if must_exist:
+        names = optuna.study.get_all_study_names(storage)
+        if params.tune.study_name not in names:
+            raise ConfigError(f"no study {params.tune.study_name!r} in this storage (it holds: "
+                              f"{', '.join(sorted(names)) or 'none'}); check --study / tune.study_name")
     try:
         study = optuna.create_study(storage=storage, study_name=params.tune.study_name, load_if_exists=True,
                                     directions=["maximize", "maximize"],
@@ -300,6 +308,10 @@ def work(study: optuna.Study, params: Params, out: Path, teacher_dir: Path,
     """Take trials until the study's budget is used up (or this process ran `max_trials`, its share when
     workers may run one after another); returns how many this process ran."""
     objective = make_objective(params, out, teacher_dir)
+    # a lost worker's RUNNING trial past its grace period: optuna fails such trials when a trial starts, but
+    # when that trial took the last of the budget none ever starts again, and it stayed RUNNING for good
+    with _experimental_ok():
+        optuna.storages.fail_stale_trials(study)
     ran = 0
     while budget_left(study, params.tune.n_trials) > 0 and (max_trials is None or ran < max_trials):
         # one trial per call, so the budget is re-read before each; a stale RUNNING trial of a lost
