@@ -164,6 +164,32 @@ def test_a_lost_workers_trial_that_took_the_last_of_the_budget_is_failed_by_the_
     assert tune.trial_rows(study)[0]["fail_reason"] == tune.STALE_REASON
 
 
+def test_a_diverged_trial_is_one_warning_line_not_optunas_traceback() -> None:
+    import io
+    import logging
+
+    from varstudent.errors import TrainingError
+
+    tune.quiet_optuna()
+    handlers = [h for h in logging.getLogger("optuna").handlers if isinstance(h, logging.StreamHandler)]
+    assert handlers  # optuna's own stderr handler (it does not propagate to the root logger)
+    stream = io.StringIO()
+    previous = [h.setStream(stream) for h in handlers]
+    try:
+        child = logging.getLogger("optuna.study._optimize")  # where optuna logs a caught trial error
+        for error in (TrainingError("loss is inf at epoch 1"), ValueError("a real bug")):
+            try:
+                raise error
+            except Exception as exc:
+                child.warning("Trial 0 failed because of the following error: %r", exc, exc_info=True)
+    finally:
+        for h, p in zip(handlers, previous):
+            h.setStream(p)
+    text = stream.getvalue()
+    assert "TrainingError" not in text  # dropped: the objective logged it in one line
+    assert "a real bug" in text and "Traceback" in text  # anything else keeps optuna's full report
+
+
 def _dominates(a: dict, b: dict) -> bool:
     return a["val_accuracy"] >= b["val_accuracy"] and a["compression"] >= b["compression"] and \
         (a["val_accuracy"] > b["val_accuracy"] or a["compression"] > b["compression"])

@@ -209,11 +209,27 @@ def make_sampler(params: Params, worker_index: int) -> optuna.samplers.BaseSampl
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+class _DropLoggedTrainingErrors(logging.Filter):
+    """optuna logs every caught trial error with its traceback (~20 lines); a diverged trial's TrainingError
+    was already logged in one line by the objective, and its reason is recorded with the trial."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], TrainingError))
+
+
+def quiet_optuna() -> None:
+    """optuna at WARNING, without the traceback of a diverged trial (its handlers: optuna does not propagate)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _DropLoggedTrainingErrors) for f in handler.filters):
+            handler.addFilter(_DropLoggedTrainingErrors())
+
+
 def open_study(params: Params, storage: optuna.storages.BaseStorage, worker_index: int = 0,
                must_exist: bool = False) -> optuna.Study:
     """The study named tune.study_name, created if new; `must_exist` (reading commands): a name the storage
     does not hold is an error, not a new empty study (a typo used to create one and report 0 trials)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()
     if must_exist:
         names = optuna.study.get_all_study_names(storage)
         if params.tune.study_name not in names:
