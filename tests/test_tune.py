@@ -164,6 +164,26 @@ def test_a_lost_workers_trial_that_took_the_last_of_the_budget_is_failed_by_the_
     assert tune.trial_rows(study)[0]["fail_reason"] == tune.STALE_REASON
 
 
+def test_ctrl_c_fails_the_running_trial_with_its_reason_and_still_reports_it(tmp_path: Path, digits_dir: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    out = prepared_out(tmp_path, digits_dir)
+    params = load_params(None, tiny(tmp_path, "tune.n_trials=2", "tracking.enabled=false"))
+    teacher_dir = tune.prepare_study_inputs(params, out, None)
+    study = tune.open_study(params, tune.open_storage(params, tune.storage_url(params, out)))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune.stages, "distill", interrupted)
+    reported = []
+    with pytest.raises(KeyboardInterrupt):
+        tune.work(study, params, out, teacher_dir, [lambda s, t: reported.append((t.number, t.state))])
+    (trial,) = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert tune.trial_rows(study)[0]["fail_reason"] == tune.INTERRUPTED_REASON  # not "worker lost"
+    assert reported == [(0, optuna.trial.TrialState.FAIL)]  # the MLflow callback sees it too
+
+
 def test_a_diverged_trial_is_one_warning_line_not_optunas_traceback() -> None:
     import io
     import logging

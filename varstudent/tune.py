@@ -43,6 +43,7 @@ OBJECTIVES = ("val_accuracy", "compression")
 WORKER_ATTR, FAIL_ATTR, DISTILL_ATTR = "worker", "fail_reason", "distill"
 MLFLOW_RUN_ATTR = "mlflow_run_id"
 STALE_REASON = "no heartbeat within the grace period (worker lost)"
+INTERRUPTED_REASON = "interrupted (Ctrl-C)"
 SCHEMA_RACE_ATTEMPTS = 4
 
 
@@ -288,6 +289,9 @@ def make_objective(params: Params, out: Path, teacher_dir: Path) -> Callable[[op
             trial.set_user_attr(FAIL_ATTR, str(exc))
             log.warning("trial %d failed: %s", trial.number, exc)
             raise
+        except KeyboardInterrupt:  # optuna FAILs the trial and re-raises: say why (else it reads "worker lost")
+            trial.set_user_attr(FAIL_ATTR, INTERRUPTED_REASON)
+            raise
         pruned = stages.prune(settings, dirs["data"], trial_dir / "distill", trial_dir / "prune")
         student_weights = _student_weights(trial_dir / "distill")
         compression = student_weights / max(pruned["nonzero_weights"], 1)
@@ -328,12 +332,25 @@ def work(study: optuna.Study, params: Params, out: Path, teacher_dir: Path,
     # when that trial took the last of the budget none ever starts again, and it stayed RUNNING for good
     with _experimental_ok():
         optuna.storages.fail_stale_trials(study)
-    ran = 0
+    ran, current = 0, {}
+
+    def tracked(trial: optuna.Trial) -> tuple[float, float]:
+        current["number"] = trial.number
+        return objective(trial)
+
     while budget_left(study, params.tune.n_trials) > 0 and (max_trials is None or ran < max_trials):
         # one trial per call, so the budget is re-read before each; a stale RUNNING trial of a lost
         # worker is failed by optuna at the start of the next trial (heartbeat storages)
-        study.optimize(objective, n_trials=1, catch=(TrainingError,), callbacks=callbacks,
-                       gc_after_trial=False, show_progress_bar=False)
+        current.clear()
+        try:
+            study.optimize(tracked, n_trials=1, catch=(TrainingError,), callbacks=callbacks,
+                           gc_after_trial=False, show_progress_bar=False)
+        except KeyboardInterrupt:  # optuna skips the callbacks of the trial it failed: its MLflow run too
+            if "number" in current:
+                interrupted = study.get_trials(deepcopy=False)[current["number"]]
+                for callback in callbacks:
+                    callback(study, interrupted)
+            raise
         ran += 1
     return ran
 
