@@ -28,7 +28,7 @@ def _scaled(array: np.ndarray, where: str) -> np.ndarray:
             raise DataError(f"{where}: {int((~np.isfinite(array)).sum())} pixels are NaN or infinite")
         if array.size and not (array.min() >= 0 and array.max() <= 1):
             raise DataError(f"{where}: float pixels must lie in 0..1 (uint8 for 0..255), got "
-                            f"{np.nanmin(array):.3g}..{np.nanmax(array):.3g}")
+                            f"{array.min():.3g}..{array.max():.3g}")
         return array.astype(np.float32)
     raise DataError(f"{where}: pixels must be uint8 or float, got {array.dtype}")
 
@@ -63,18 +63,17 @@ def read_image(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
         raise DataError(f"{path}: the model takes {c}-channel inputs; pass them as a .npy batch")
     try:
         with Image.open(path) as image:
-            if image.mode.startswith("I") and c == 1:
-                # 16-bit grayscale (PNG, TIFF): convert("L") clips it at 255 (every lit pixel white); scale its
-                # 0..65535 in floats instead
+            # 16-bit grayscale (PNG, TIFF): convert("L") clips it at 255 (every lit pixel white); take its
+            # 0..65535 in floats instead
+            sixteen_bit = image.mode.startswith("I") and c == 1
+            if sixteen_bit:
                 image = (image.convert("I") if image.mode != "I" else image).convert("F")
-                if image.size != (w, h):
-                    image = image.resize((w, h), Image.Resampling.BILINEAR)
-                array = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
             else:
                 image = image.convert("L" if c == 1 else "RGB")
-                if image.size != (w, h):
-                    image = image.resize((w, h), Image.Resampling.BILINEAR)
-                array = np.asarray(image, dtype=np.uint8)
+            if image.size != (w, h):
+                image = image.resize((w, h), Image.Resampling.BILINEAR)
+            array = (np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0) if sixteen_bit
+                     else np.asarray(image, dtype=np.uint8))
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: not an image this version can read ({str(exc).splitlines()[0][:120]})") from None
     array = array[None, None] if c == 1 else array.transpose(2, 0, 1)[None]  # (1, C, H, W)
