@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 
 import pytest
@@ -134,6 +135,66 @@ def test_kernel_kl_does_not_depend_on_the_thread_count() -> None:
     results = _at_thread_counts(kls)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))  # bit for bit
+
+
+@pytest.mark.parametrize("train_clip", [True, False])
+def test_step_pass_skips_blocks_at_the_clip_with_the_same_results(train_clip: bool) -> None:
+    """vd_step (the pass before a training forward) skips the transcendental functions for blocks of weights all
+    at the upper clip of log alpha, as most of a sparse layer's are: sigma^2, the KL, its derivative and the
+    train_clip mask still equal the float64 reference everywhere - in dead rows, live rows, rows that alternate
+    (each segment's choice of loop flips), and weights within 1e-4 of the clip (without train_clip those below
+    it have a KL gradient) - at every thread count; an all-dead layer's KL is its weights' count times one's."""
+    from varstudent.nn import kernels
+
+    if kernels.vd_step_kernel() is None:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
+    torch.manual_seed(8)
+    rows, cols = 300, 784  # 235,200 weights: four chunks, split across threads
+    weight = torch.randn(rows, cols) * 0.05
+    log_alpha = torch.empty(rows, cols).uniform_(-12, 12)  # live rows: every case
+    kind = torch.arange(rows) % 6
+    log_alpha[kind < 3] = torch.empty(int((kind < 3).sum()), cols).uniform_(8.001, 14)  # dead rows
+    near = kind == 3  # dead but for weights at the clip within the test's margin
+    log_alpha[near] = torch.empty(int(near.sum()), cols).uniform_(8.001, 14)
+    log_alpha[near, ::5] = 8.0 + torch.empty(int(near.sum()), len(range(0, cols, 5))).uniform_(-1e-4, 1e-4)
+    log_alpha[kind == 4, 1::2] = 9.0  # half the row at the clip: no block entirely
+    log_sigma2 = torch.log(weight ** 2 + 1e-8) + log_alpha
+    threshold, grad_below = (3.0, 3.0) if train_clip else (None, math.inf)
+
+    # the reference, in float64 from the same float32 inputs
+    w64, ls64 = weight.double(), log_sigma2.double()
+    la = ls64 - torch.log(w64 ** 2 + 1e-8)
+    clipped = la.clamp(-LOG_ALPHA_CLIP, LOG_ALPHA_CLIP).requires_grad_()
+    kl = kl_approx(clipped).sum()
+    passes = (la.abs() < LOG_ALPHA_CLIP) & (la < grad_below)  # the clip and train_clip pass no gradient
+    dkl = torch.autograd.grad(kl, clipped)[0] * passes
+    keep = clipped.detach() < 3.0
+    at_clip = la >= LOG_ALPHA_CLIP
+    assert 0.5 < at_clip.float().mean() < 0.9 and 0 < keep.float().mean() < 0.2
+    assert (dkl[near].abs().max() > 1e-4) != train_clip  # without train_clip: weights just below the clip
+
+    def step() -> tuple:
+        return kernels.vd_step(weight, log_sigma2, LOG_ALPHA_CLIP, grad_below, threshold)
+
+    results = _at_thread_counts(step)
+    for other in results[1:]:
+        assert other[0] == results[0][0]
+        assert all(a is b is None or torch.equal(a, b) for a, b in zip(results[0][1:], other[1:]))
+    got_kl, sigma2, got_dkl, masked, got_keep = results[0]
+    assert got_kl == pytest.approx(kl.item(), rel=1e-6)
+    torch.testing.assert_close(sigma2, torch.exp(log_sigma2))
+    clear = (la - LOG_ALPHA_CLIP).abs() > 1e-5  # closer, float32 rounding decides which side of the clip
+    torch.testing.assert_close(got_dkl.double()[clear], dkl[clear], rtol=1e-4, atol=1e-7)
+    assert torch.all(got_dkl[at_clip & clear] == 0)
+    if train_clip:
+        assert torch.equal(got_keep, keep) and torch.equal(masked, weight * keep)
+    else:
+        assert got_keep is None and masked is None
+    dead = kind < 3
+    dead_kl = kernels.vd_step(weight[dead].contiguous(), log_sigma2[dead].contiguous(), LOG_ALPHA_CLIP,
+                              grad_below, threshold)[0]
+    one = kl_approx(torch.tensor(LOG_ALPHA_CLIP, dtype=torch.float64)).item()
+    assert dead_kl == pytest.approx(one * int(dead.sum()) * cols, rel=1e-4)  # float32 logf(1 + e^-8): ~3e-5
 
 
 def _kernel_path(path: str, monkeypatch: pytest.MonkeyPatch) -> str:

@@ -94,18 +94,22 @@ double vd_kl(const float *w, const float *log_sigma2, float *grad_w, float *grad
  * dkl = dKL/dlog alpha, zero where the clip or grad_below passes no gradient, not yet times any loss weight
  * (the weight reaches the backward as the KL output's gradient); under train_clip (masked != NULL) also the
  * kept weights (w where the clipped log alpha is below threshold, else 0) and that mask as 0/1 bytes. */
-static inline double step_loop(const float *restrict w, const float *restrict log_sigma2, float *restrict sigma2,
-                               float *restrict dkl, float *restrict masked, unsigned char *restrict keep, long n,
-                               float clip, float grad_below, float threshold, const int with_kl,
-                               const int with_mask) {
-    /* with_kl and with_mask are constants at each call site: each gets its own branch-free vectorized loop */
+#define INLINE static inline __attribute__((always_inline)) /* with_* flags constant: one loop per call site */
+
+/* [0, n) weight by weight; with_sigma2: also sigma2, else it is already written. Adds to *at_clip the number of
+ * weights whose log alpha reaches the upper clip. */
+INLINE double step_loop(const float *restrict w, const float *restrict log_sigma2, float *restrict sigma2,
+                        float *restrict dkl, float *restrict masked, unsigned char *restrict keep, long n, float clip,
+                        float grad_below, float threshold, const int with_kl, const int with_mask,
+                        const int with_sigma2, long *at_clip) {
     double total = 0.0;
-#pragma omp simd reduction(+ : total)
+    int count = 0;
+#pragma omp simd reduction(+ : total, count)
     for (long i = 0; i < n; i++) {
-        sigma2[i] = expf(log_sigma2[i]);
-        if (!with_kl && !with_mask) continue;
+        if (with_sigma2) sigma2[i] = expf(log_sigma2[i]);
         float w2 = w[i] * w[i] + 1e-8f;
         float log_alpha = log_sigma2[i] - logf(w2);
+        count += log_alpha >= clip;
         if (with_kl) {
             float unclipped = fabsf(log_alpha) < clip && log_alpha < grad_below ? 1.0f : 0.0f;
             float clipped = fminf(fmaxf(log_alpha, -clip), clip);
@@ -121,15 +125,98 @@ static inline double step_loop(const float *restrict w, const float *restrict lo
             masked[i] = k ? w[i] : 0.0f;
         }
     }
+    *at_clip += count;
+    return total;
+}
+
+/* Once a layer is sparse most of its weights sit at the upper clip (the default run's trained 500x784 layer:
+ * 88 % of them; 78 % of its 16-weight blocks entirely), where the KL is a constant, its derivative zero and the
+ * weight pruned. step_blocks takes the weights SKIP_BLOCK at a time and a block whose weights are all there skips
+ * the four transcendental functions of step_loop (the pass over that layer: 1.04 -> 0.72 ms on 2 cores); runs of
+ * other blocks go to step_loop together. The test needs no logarithm: log_alpha >= clip <=> sigma2 >= e^clip w2,
+ * taken with a relative margin of 1e-4 so that every weight it passes also has log_alpha >= clip as step_loop
+ * computes it (rounding there is ~1e-6 of log alpha's terms); a weight within the margin takes step_loop. Same
+ * values either way, up to the rounding of the sum. n: a multiple of SKIP_BLOCK; returns the blocks skipped in
+ * *skipped. On a layer with few such blocks (a fresh student) the test is a cost (~20 %), so step_segments
+ * picks one of the two loops per segment from what the previous segment held. */
+#define SKIP_BLOCK 16
+#define SEGMENT 1024 /* weights */
+
+INLINE double step_blocks(const float *restrict w, const float *restrict log_sigma2, float *restrict sigma2,
+                          float *restrict dkl, float *restrict masked, unsigned char *restrict keep, long n,
+                          float clip, float grad_below, float threshold, const int with_kl, const int with_mask,
+                          long *skipped) {
+    const float past_clip = expf(clip) * 1.0001f;
+    const float t = expf(-(K2 + K3 * clip)), sig_neg = t / (1.0f + t); /* one weight's KL at the clip */
+    const double kl_at_clip = 0.5f * logf(1.0f + expf(-clip)) + K1 * sig_neg;
+    const int kept_at_clip = clip < threshold;
+    double total = 0.0;
+    long run = 0, unused = 0; /* [run, i): blocks not skipped, for step_loop */
+    for (long i = 0; i < n; i += SKIP_BLOCK) {
+        int past = 1;
+#pragma omp simd reduction(& : past)
+        for (long j = i; j < i + SKIP_BLOCK; j++) {
+            sigma2[j] = expf(log_sigma2[j]);
+            past &= sigma2[j] >= past_clip * (w[j] * w[j] + 1e-8f);
+        }
+        if (!past) continue;
+        if (run < i)
+            total += step_loop(w + run, log_sigma2 + run, sigma2 + run, with_kl ? dkl + run : NULL,
+                               with_mask ? masked + run : NULL, with_mask ? keep + run : NULL, i - run, clip,
+                               grad_below, threshold, with_kl, with_mask, 0, &unused);
+        run = i + SKIP_BLOCK;
+        *skipped += 1;
+        if (with_kl) {
+            total += SKIP_BLOCK * kl_at_clip;
+            for (long j = i; j < i + SKIP_BLOCK; j++) dkl[j] = 0.0f;
+        }
+        if (with_mask)
+            for (long j = i; j < i + SKIP_BLOCK; j++) {
+                keep[j] = (unsigned char)kept_at_clip;
+                masked[j] = kept_at_clip ? w[j] : 0.0f;
+            }
+    }
+    return total + step_loop(w + run, log_sigma2 + run, sigma2 + run, with_kl ? dkl + run : NULL,
+                             with_mask ? masked + run : NULL, with_mask ? keep + run : NULL, n - run, clip,
+                             grad_below, threshold, with_kl, with_mask, 0, &unused);
+}
+
+/* [0, n) in segments of SEGMENT weights: block by block (step_blocks) while the previous segment had at least a
+ * quarter of its blocks skipped, or after one where step_loop found half its weights at the clip; else by
+ * step_loop. The choice changes only the speed (the skip test is the break-even point's neighbourhood). */
+INLINE double step_segments(const float *w, const float *log_sigma2, float *sigma2, float *dkl, float *masked,
+                            unsigned char *keep, long n, float clip, float grad_below, float threshold,
+                            const int with_kl, const int with_mask) {
+    if (!with_kl && !with_mask) {
+#pragma omp simd
+        for (long i = 0; i < n; i++) sigma2[i] = expf(log_sigma2[i]);
+        return 0.0;
+    }
+    double total = 0.0;
+    int blockwise = 1;
+    for (long start = 0; start < n; start += SEGMENT) {
+        long count = n - start < SEGMENT ? n - start : SEGMENT, found = 0;
+        if (blockwise && count == SEGMENT) {
+            total += step_blocks(w + start, log_sigma2 + start, sigma2 + start, with_kl ? dkl + start : NULL,
+                                 with_mask ? masked + start : NULL, with_mask ? keep + start : NULL, count, clip,
+                                 grad_below, threshold, with_kl, with_mask, &found);
+            blockwise = 4 * found * SKIP_BLOCK >= count;
+        } else {
+            total += step_loop(w + start, log_sigma2 + start, sigma2 + start, with_kl ? dkl + start : NULL,
+                               with_mask ? masked + start : NULL, with_mask ? keep + start : NULL, count, clip,
+                               grad_below, threshold, with_kl, with_mask, 1, &found);
+            blockwise = 2 * found >= count;
+        }
+    }
     return total;
 }
 
 static double step_chunk(const float *w, const float *log_sigma2, float *sigma2, float *dkl, float *masked,
                          unsigned char *keep, long n, float clip, float grad_below, float threshold) {
-    if (dkl && masked) return step_loop(w, log_sigma2, sigma2, dkl, masked, keep, n, clip, grad_below, threshold, 1, 1);
-    if (dkl) return step_loop(w, log_sigma2, sigma2, dkl, NULL, NULL, n, clip, grad_below, threshold, 1, 0);
-    if (masked) return step_loop(w, log_sigma2, sigma2, NULL, masked, keep, n, clip, grad_below, threshold, 0, 1);
-    return step_loop(w, log_sigma2, sigma2, NULL, NULL, NULL, n, clip, grad_below, threshold, 0, 0);
+    if (dkl && masked) return step_segments(w, log_sigma2, sigma2, dkl, masked, keep, n, clip, grad_below, threshold, 1, 1);
+    if (dkl) return step_segments(w, log_sigma2, sigma2, dkl, NULL, NULL, n, clip, grad_below, threshold, 1, 0);
+    if (masked) return step_segments(w, log_sigma2, sigma2, NULL, masked, keep, n, clip, grad_below, threshold, 0, 1);
+    return step_segments(w, log_sigma2, sigma2, NULL, NULL, NULL, n, clip, grad_below, threshold, 0, 0);
 }
 
 double vd_step(const float *w, const float *log_sigma2, float *sigma2, float *dkl, float *masked,
