@@ -139,6 +139,27 @@ def test_epoch_speed_interleaves_rounds_and_reports_ranges(digits_dir: Path, tmp
     assert "kept share per layer 3.1 %" in done.stdout  # 2 of 64 inputs: the layer the rows start from
 
 
+def test_kernel_ab_alternates_two_kernel_builds_on_the_same_epochs(digits_dir: Path) -> None:
+    import shutil
+
+    if not shutil.which("cc") or os.environ.get("VARSTUDENT_NO_KERNELS") == "1" or not (REPO / ".git").exists():
+        pytest.skip("needs a C compiler, the kernels and a git checkout")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_ab.py"), "--base", "HEAD",
+                           "--rounds", "2", "--data", str(digits_dir), "--fresh"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 2
+    for line in rounds:  # the same epoch from the same state and seed: the same loss with either build
+        first, second = (float(v) for v in line.split("losses ")[1].split(" / "))
+        assert first == pytest.approx(second, rel=1e-4)
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "kernels" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| dense student", "| vdkl.c at HEAD", "| working tree"]
+    assert all(float(row.split(" | ")[3].split()[0]) > 0 for row in rows[1:])  # vd_step timed in both
+    assert "working tree vs HEAD:" in done.stdout
+
+
 def test_front_plot_reads_every_row_of_a_folder_and_keeps_the_non_dominated(tmp_path: Path) -> None:
     front_plot = _benchmark("front_plot")
     for row, accuracy, compression in [("svd_a", 0.9, 50.0), ("vs_b", 0.95, 20.0)]:

@@ -9,10 +9,10 @@ where the compiler supports -fopenmp (vdkl.c says why that runtime), as many as 
 with VARSTUDENT_NO_KERNELS=1, the PyTorch path runs and results agree to float32 rounding. Its `vd_step` and
 `vd_step_grads` are the two passes over a LinearSVD layer's weights of a whole CPU training step: sigma^2, the
 KL and its derivative (and the train_clip mask) before the matrix products, the KL's gradient added into the
-data gradients after them (variational.py, _LinearVDStep); `vd_step` skips the KL's
-functions for blocks of weights all at the upper clip of log alpha, most of a sparse layer's. Under train_clip, once a layer keeps few of its
-weights, `keep_count`, `keep_index`, `kept_matmul` and `kept_grad` compute the mean's two products over the
-kept ones alone.
+data gradients after them (variational.py, _LinearVDStep); `vd_step` skips the KL's functions for blocks of
+weights all at the upper clip of log alpha, most of a sparse layer's. Under train_clip, once a layer keeps few
+of its weights, `keep_count`, `keep_index`, `kept_matmul` and `kept_grad` compute the mean's two products over
+the kept ones alone.
 
 blockmax.c, the BSR's l1/l_inf term of a layer (losses.py): the block maxima of |w|, the term and its
 sparse gradient's coordinates in one call on the OpenMP threads, instead of NumPy's argmax and argmin and
