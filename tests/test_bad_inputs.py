@@ -151,6 +151,7 @@ CASES: list[tuple[str, str, list[str], Setup, tuple[str, ...]]] = [
     ("negative-input-dropout", "teacher", ["teacher.input_dropout=-0.1"], NONE,
      ("teacher.input_dropout: must be >= 0.0",)),
     ("negative-shift", "distill", ["distill.shift=-1"], NONE, ("distill.shift: must be >= 0",)),
+    ("negative-mixup", "distill", ["distill.mixup=-0.5"], NONE, ("distill.mixup: must be >= 0",)),
     ("train-clip-as-word", "distill", ["distill.train_clip=maybe"], NONE,
      ("distill.train_clip: expected true or false",)),
     ("shift-beyond-the-image", "teacher", ["teacher.shift=4"], NONE,

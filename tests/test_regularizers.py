@@ -166,3 +166,61 @@ def test_distill_trains_the_student_with_train_clip_when_asked(digits_dir: Path,
         stages.distill(load_params(None, [*settings, f"distill.vd_weight={vd_weight}"]), digits_dir,
                        tmp_path / "teacher", tmp_path / f"distill-vd{vd_weight}")
         assert len(seen) > 5 and all(step == [wanted] * 3 for step in seen)
+
+
+def test_mixup_blends_each_image_with_a_partner_of_its_batch_and_the_labels_alike() -> None:
+    from varstudent.augment import mixed_targets, mixup
+
+    torch.manual_seed(1)
+    x, y = torch.rand(64, 1, 5, 5), torch.randint(0, 10, (64,))
+    blended, partner, lam = mixup(x, 0.4)
+    assert sorted(partner.tolist()) == list(range(64))  # a permutation of the batch
+    assert lam.shape == (64,) and torch.all((lam >= 0) & (lam <= 1))
+    assert (lam < 0.1).sum() + (lam > 0.9).sum() > 20  # Beta(0.4, 0.4): most weights near 0 or 1
+    torch.testing.assert_close(blended, x * lam[:, None, None, None] + x[partner] * (1 - lam[:, None, None, None]))
+    targets = mixed_targets(y, partner, lam, 10)
+    torch.testing.assert_close(targets.sum(1), torch.ones(64))
+    for i in range(64):
+        expected = torch.zeros(10)
+        expected[y[i]] += lam[i]
+        expected[y[partner[i]]] += 1 - lam[i]
+        torch.testing.assert_close(targets[i], expected)
+    torch.manual_seed(1)
+    x, y = torch.rand(64, 1, 5, 5), torch.randint(0, 10, (64,))
+    assert torch.equal(mixup(x, 0.4)[0], blended)  # drawn from the seeded default generator
+
+
+def test_a_mixup_student_gets_the_teachers_logits_on_the_blend_and_blended_labels(digits_dir: Path,
+                                                                                  tmp_path: Path, monkeypatch) -> None:
+    from varstudent import augment, losses, stages
+    from varstudent.artifacts import load_model
+    from varstudent.config import load_params
+    from varstudent.data import load_prepared
+
+    settings = ["data.dataset=digits", "tracking.enabled=false", "runtime.progress=false",
+                "teacher.arch=mlp-64-64", "teacher.epochs=2", "student.arch=mlp-32-16", "distill.epochs=2",
+                "distill.mixup=0.4", "distill.bsr_weight=0"]
+    stages.teacher(load_params(None, settings), digits_dir, tmp_path / "teacher")
+    teacher = load_model(tmp_path / "teacher", "teacher").eval()
+    drawn, labels, seen = [], [], []
+    original_mixup, original_targets, original_loss = augment.mixup, augment.mixed_targets, losses.student_loss
+    monkeypatch.setattr(stages, "mixup", lambda x, alpha: drawn.append(original_mixup(x, alpha)) or drawn[-1])
+    monkeypatch.setattr(stages, "mixed_targets", lambda targets, *rest: labels.append(targets) or
+                        original_targets(targets, *rest))
+    monkeypatch.setattr(stages, "student_loss", lambda model, logits, targets, hint, *rest:
+                        seen.append((targets, hint)) or original_loss(model, logits, targets, hint, *rest))
+    stages.distill(load_params(None, settings), digits_dir, tmp_path / "teacher", tmp_path / "distill")
+    n_train = load_prepared(digits_dir).x_train.shape[0]
+    assert len(drawn) == len(labels) == len(seen) == 2 * math.ceil(n_train / 100)  # every batch blended
+    with torch.no_grad():
+        for (blended, partner, lam), y, (targets, hint) in zip(drawn, labels, seen):
+            torch.testing.assert_close(hint, teacher(blended), rtol=0, atol=0)  # the hint on the blend
+            assert y.dtype == torch.int64  # the batch's own labels, blended with the same partners and weights
+            torch.testing.assert_close(targets, original_targets(y, partner, lam, 10), rtol=0, atol=0)
+    assert all(((lam > 0.05) & (lam < 0.95)).any() for _, _, lam in drawn)  # blends, not copies
+
+    drawn.clear(), labels.clear(), seen.clear()  # mixup without a hint: blended labels, the teacher never runs
+    stages.distill(load_params(None, [*settings, "distill.kd_weight=0"]), digits_dir, tmp_path / "teacher",
+                   tmp_path / "sparse-vd")
+    assert len(drawn) == len(seen) > 10 and all(hint is None for _, hint in seen)
+    assert all(targets.dim() == 2 for targets, _ in seen)

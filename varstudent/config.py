@@ -140,6 +140,9 @@ class DistillConfig:
     shift: int = _f(0, "student training images are shifted by up to this many pixels each way (random, zero "
                     "fill), the teacher's hint computed on the same shifted batch (a teacher forward per step "
                     "instead of cached logits); 0 = off", lo=0, hi=16)
+    mixup: float = _f(0.0, "alpha of mixup's Beta(alpha, alpha): each student training image blended with "
+                      "another of its batch, the hint computed on the blend (a teacher forward per step) and "
+                      "the label blended alike; 0 = off", lo=0.0, hi=100.0)
 
 
 @dataclass(frozen=True)

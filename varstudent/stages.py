@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from varstudent.artifacts import load_model, read_json, save_model
-from varstudent.augment import random_shift
+from varstudent.augment import mixed_targets, mixup, random_shift
 from varstudent.config import Params
 from varstudent.errors import ArtifactError, ConfigError
 from varstudent.fileio import atomic_write_bytes, write_json
@@ -209,30 +209,37 @@ def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path,
         layer.train_clip = cfg.train_clip
         layer.kl_in_forward = cfg.vd_weight > 0  # no KL term (KD alone): the CPU forward skips computing it
     shift = _shifter("distill.shift", cfg.shift, data.input_shape)
-    # the teacher is frozen: on unaugmented data its logits are computed once, not per step; on shifted images
-    # it sees the same shifted batch as the student, one teacher forward per step (consistent views)
-    teacher_logits = predict_logits(teacher_net, x) if cfg.kd_weight > 0 and shift is None else None
+    augmented = shift is not None or cfg.mixup > 0
+    # the teacher is frozen: on unaugmented data its logits are computed once, not per step; on shifted or mixed
+    # images it sees the same batch as the student, one teacher forward per step (consistent views)
+    teacher_logits = predict_logits(teacher_net, x) if cfg.kd_weight > 0 and not augmented else None
     bsr = None
     if cfg.bsr_weight > 0:
         t_weights, s_weights = paired_weights(teacher_net, student)
         bsr = BlockSparseRegularizer(t_weights, s_weights, cfg.bsr_norm, cfg.bsr_blocks).to(device)
     weights = LossWeights(cfg.kd_weight, cfg.temperature, cfg.kd_direction, cfg.vd_weight, cfg.bsr_weight)
     n_train = x.shape[0]
-    view: dict[str, torch.Tensor] = {}  # the teacher's logits on the batch the student sees this step
+    # this step's batch as the student sees it: the teacher's logits on it, and mixup's partners and weights
+    view: dict[str, torch.Tensor] = {}
     augment = None
-    if shift is not None:
+    if augmented:
         hinting = teacher_net.eval() if cfg.kd_weight > 0 else None
 
         def augment(batch: torch.Tensor) -> torch.Tensor:
-            moved = shift(batch)
+            if shift is not None:
+                batch = shift(batch)
+            if cfg.mixup > 0:
+                batch, view["partner"], view["lam"] = mixup(batch, cfg.mixup)
             if hinting is not None:
                 with torch.no_grad():
-                    view["hint"] = hinting(moved)
-            return moved
+                    view["hint"] = hinting(batch)
+            return batch
     del teacher_net
 
     def loss_fn(model, logits, targets, index, epoch):
         hint = teacher_logits[index] if teacher_logits is not None else view.get("hint")
+        if cfg.mixup > 0:  # the labels blended as the images were
+            targets = mixed_targets(targets, view["partner"], view["lam"], data.num_classes)
         return student_loss(model, logits, targets, hint, weights, kl_warmup(epoch, cfg.kl_warmup_epochs),
                             n_train, bsr)
 
