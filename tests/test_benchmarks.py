@@ -146,11 +146,11 @@ def test_kernel_ab_alternates_two_kernel_builds_on_the_same_epochs(digits_dir: P
         pytest.skip("needs a C compiler, the kernels and a git checkout")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_ab.py"), "--base", "HEAD",
-                           "--rounds", "2", "--data", str(digits_dir), "--fresh"], env=env, capture_output=True,
+                           "--rounds", "1", "--data", str(digits_dir), "--fresh"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
-    assert len(rounds) == 2
+    assert len(rounds) == 1
     for line in rounds:  # the same epoch from the same state and seed: the same loss with either build
         first, second = (float(v) for v in line.split("losses ")[1].split(" / "))
         assert first == pytest.approx(second, rel=1e-4)
