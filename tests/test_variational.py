@@ -188,6 +188,10 @@ def test_step_pass_skips_blocks_at_the_clip_with_the_same_results(train_clip: bo
     assert torch.all(got_dkl[at_clip & clear] == 0)
     if train_clip:
         assert torch.equal(got_keep, keep) and torch.equal(masked, weight * keep)
+        # a run without a KL term (KD alone) under train_clip: the mask and sigma^2 alone, by the same blocks
+        no_kl = kernels.vd_step(weight, log_sigma2, LOG_ALPHA_CLIP, grad_below, threshold, with_kl=False)
+        assert no_kl[0] == 0.0 and no_kl[2] is None
+        assert torch.equal(no_kl[1], sigma2) and torch.equal(no_kl[4], keep) and torch.equal(no_kl[3], masked)
     else:
         assert got_keep is None and masked is None
     dead = kind < 3
