@@ -147,6 +147,7 @@ def test_a_resumed_study_continues_to_its_total_budget(tmp_path: Path, digits_di
     assert "typo" not in optuna.study.get_all_study_names(storage)
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # study.ask() below, on purpose
 def test_a_lost_workers_trial_that_took_the_last_of_the_budget_is_failed_by_the_next_worker(
         tmp_path: Path, digits_dir: Path) -> None:
     out = prepared_out(tmp_path, digits_dir)
