@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -40,21 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def base_kernels(revision: str, folder: Path) -> tuple:
-    """vd_step and vd_step_grads of vdkl.c at `revision`, built with the library's first set of flags."""
+    """vd_step and vd_step_grads of vdkl.c at `revision`, built as the library builds its own."""
     source = folder / "vdkl.c"
     source.write_bytes(subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:varstudent/nn/vdkl.c"],
                                       check=True, capture_output=True).stdout)
-    compile_extra, link_extra = kernels.BUILDS[0]
-    subprocess.run(["cc", *kernels.COMPILE_FLAGS, *compile_extra, "-c", str(source), "-o", str(folder / "k.o")],
-                   check=True)
-    subprocess.run(["cc", "-shared", str(folder / "k.o"), "-o", str(folder / "k.so"), "-lm", *link_extra],
-                   check=True)
-    lib = ctypes.CDLL(str(folder / "k.so"))
-    step, grads = lib.vd_step, lib.vd_step_grads
-    step.restype = ctypes.c_double
-    step.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] + [ctypes.c_float] * 3 + [ctypes.c_int]
-    grads.restype, grads.argtypes = None, [ctypes.c_void_p] * 6 + [ctypes.c_long, ctypes.c_float, ctypes.c_int]
-    return step, grads
+    kernels.compile_library(source, shutil.which("cc") or "gcc", folder / "vdkl.so")
+    return kernels.step_functions(ctypes.CDLL(str(folder / "vdkl.so")))
 
 
 def main() -> None:

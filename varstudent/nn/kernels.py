@@ -75,23 +75,29 @@ def _library(name: str) -> ctypes.CDLL | None:
     lib_path = _cache_dir() / f"{name}-{key}.so"
     try:
         if not lib_path.is_file():
-            lib_path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-                obj, lib = Path(tmp) / f"{name}.o", Path(tmp) / f"{name}.so"
-                for compile_extra, link_extra in BUILDS:
-                    compiled = subprocess.run([compiler, *COMPILE_FLAGS, *compile_extra, "-c", str(source), "-o",
-                                               str(obj)], capture_output=True)
-                    if compiled.returncode == 0 and subprocess.run(
-                            [compiler, "-shared", str(obj), "-o", str(lib), "-lm", *link_extra],
-                            capture_output=True).returncode == 0:
-                        break
-                else:
-                    raise OSError(f"{compiler} could not build {source.name}: {compiled.stderr.decode()[-300:]}")
-                os.replace(lib, lib_path)  # atomic: concurrent first uses never load half a file
+            compile_library(source, compiler, lib_path)
         return ctypes.CDLL(str(lib_path))
     except OSError as exc:
         log.info("could not build the %s kernel (%s): it runs in PyTorch", name, exc)
         return None
+
+
+def compile_library(source: Path, compiler: str, lib_path: Path) -> None:
+    """source compiled into the shared library lib_path with the first of BUILDS the toolchain takes; OSError
+    when none does."""
+    lib_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
+        for compile_extra, link_extra in BUILDS:
+            compiled = subprocess.run([compiler, *COMPILE_FLAGS, *compile_extra, "-c", str(source), "-o", str(obj)],
+                                      capture_output=True)
+            if compiled.returncode == 0 and subprocess.run(
+                    [compiler, "-shared", str(obj), "-o", str(lib), "-lm", *link_extra],
+                    capture_output=True).returncode == 0:
+                break
+        else:
+            raise OSError(f"{compiler} could not build {source.name}: {compiled.stderr.decode()[-300:]}")
+        os.replace(lib, lib_path)  # atomic: concurrent first uses never load half a file
 
 
 def _function(library: str, name: str, restype, argtypes: list):
@@ -115,11 +121,17 @@ def vdkl_kernel():
 def vd_step_kernel():
     """The compiled `vd_step` and `vd_step_grads` functions (vdkl.c) as a pair, or None when kernels are off or
     cannot be built here."""
-    step = _function("vdkl", "vd_step", ctypes.c_double,
-                     [ctypes.c_void_p] * 6 + [ctypes.c_long] + [ctypes.c_float] * 3 + [ctypes.c_int])
-    grads = _function("vdkl", "vd_step_grads", None,
-                      [ctypes.c_void_p] * 6 + [ctypes.c_long, ctypes.c_float, ctypes.c_int])
-    return None if step is None or grads is None else (step, grads)
+    lib = _library("vdkl")
+    return None if lib is None else step_functions(lib)
+
+
+def step_functions(lib: ctypes.CDLL) -> tuple:
+    """`vd_step` and `vd_step_grads` of a loaded vdkl library, with their ctypes signatures."""
+    step, grads = lib.vd_step, lib.vd_step_grads
+    step.restype = ctypes.c_double
+    step.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] + [ctypes.c_float] * 3 + [ctypes.c_int]
+    grads.restype, grads.argtypes = None, [ctypes.c_void_p] * 6 + [ctypes.c_long, ctypes.c_float, ctypes.c_int]
+    return step, grads
 
 
 def vd_step(weight: torch.Tensor, log_sigma2: torch.Tensor, clip: float, grad_below: float,
