@@ -49,6 +49,10 @@ def test_committed_params_yaml_is_valid_and_complete() -> None:
     ("export.formats=[]", "export.formats: expected a non-empty list of names"),
     ("export.formats=3", "export.formats: expected a non-empty list of names"),
     ("export.formats=[onnx,sparse,onnx]", "export.formats: 'onnx' is listed twice"),
+    ("tune.batch_size=[50,0]", "tune.batch_size: must be >= 1; got 0"),
+    ("tune.batch_size=[50,50]", "tune.batch_size: 50 is listed twice"),
+    ("tune.batch_size=[50.5]", "tune.batch_size: expected an integer, got 50.5"),
+    ("tune.batch_size=big", "tune.batch_size: expected a list of integers such as [50, 100]"),
     ("export.sparse_values=int8", "export.sparse_values: must be one of float32, float16"),
 ])
 def test_bad_values_are_one_clear_error(override: str, message: str) -> None:

@@ -115,6 +115,41 @@ def test_a_study_asking_for_another_teacher_is_refused_the_one_kept_under_out(tm
         tune.prepare_study_inputs(regularized, out, None)
 
 
+def test_batch_size_is_searched_only_when_given_choices_and_reaches_the_training(
+        tmp_path: Path, digits_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = prepared_out(tmp_path, digits_dir)
+    trained_with: dict[int, int] = {}
+    real_distill = tune.stages.distill
+
+    def spy(settings, data_dir, teacher_dir, out_dir, *args, **kwargs):  # the real stage, its batch noted
+        trained_with[int(Path(out_dir).parent.name)] = settings.distill.batch_size
+        return real_distill(settings, data_dir, teacher_dir, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(tune.stages, "distill", spy)
+    searched = load_params(None, tiny(tmp_path, "tune.n_trials=4", "tracking.enabled=false", "tune.sampler=random",
+                                      "tune.batch_size=[16,64]", "distill.epochs=1"))
+    teacher_dir = tune.prepare_study_inputs(searched, out, None)
+    study = tune.open_study(searched, tune.open_storage(searched, tune.storage_url(searched, out)))
+    assert tune.work(study, searched, out, teacher_dir, []) == 4
+    trials = study.get_trials()
+    assert {t.number: t.params["batch_size"] for t in trials} == trained_with
+    assert set(trained_with.values()) <= {16, 64}
+    rows = tune.trial_rows(study)
+    assert [r["batch_size"] for r in rows] == [trained_with[r["number"]] for r in rows]
+    assert tune.params_for_trial(searched, rows[0]).distill.batch_size == trained_with[rows[0]["number"]]
+
+    # the default, [], is not a search: every trial trains with distill.batch_size and optuna sees no parameter
+    trained_with.clear()
+    plain = load_params(None, tiny(tmp_path, "tune.n_trials=1", "tracking.enabled=false", "tune.study_name=plain",
+                                   "distill.batch_size=48", "distill.epochs=1"))
+    study = tune.open_study(plain, tune.open_storage(plain, tune.storage_url(plain, out)))
+    assert tune.work(study, plain, out, teacher_dir, []) == 1
+    assert list(trained_with.values()) == [48] and "batch_size" not in study.get_trials()[0].params
+    # a trial of a study older than the key has no batch_size: `tune best` keeps the params' value
+    old_row = {**tune.trial_rows(study)[0], "batch_size": None}
+    assert tune.params_for_trial(searched, old_row).distill.batch_size == searched.distill.batch_size
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # study.ask() below, on purpose
 def test_a_resumed_study_continues_to_its_total_budget(tmp_path: Path, digits_dir: Path) -> None:
     out = prepared_out(tmp_path, digits_dir)

@@ -207,7 +207,7 @@ class TrackingConfig:
 
 
 # distill settings an Optuna study may search (varstudent/tune.py); the rest of distill is fixed per study
-TUNABLE = ("kd_weight", "temperature", "vd_weight", "bsr_weight", "bsr_norm", "lr", "kl_warmup_epochs")
+TUNABLE = ("kd_weight", "temperature", "vd_weight", "bsr_weight", "bsr_norm", "lr", "kl_warmup_epochs", "batch_size")
 _LOG_TUNABLE = ("kd_weight", "temperature", "vd_weight", "bsr_weight", "lr")
 
 
@@ -230,6 +230,9 @@ class TuneConfig:
     bsr_norm: tuple[str, ...] = _f(("linf", "l2"), "BSR block norms to choose from", choices=("linf", "l2"))
     lr: tuple[float, float] = _f((3e-4, 3e-3), "Adam learning-rate range", lo=0.0, hi=1.0, lo_open=True)
     kl_warmup_epochs: tuple[int, int] = _f((0, 10), "KL warm-up range (epochs)", lo=0)
+    # off by default: the issue's search space, and each halving of the batch doubles a trial's steps
+    batch_size: tuple[int, ...] = _f((), "mini-batch sizes to choose from; [] = distill.batch_size, not searched",
+                                     lo=1, allow_empty=True)
     log_scale: tuple[str, ...] = _f(("temperature", "vd_weight", "bsr_weight", "lr"), "ranges sampled "
                                     "uniformly in log space (low must be > 0)", choices=_LOG_TUNABLE,
                                     allow_empty=True)
@@ -339,6 +342,20 @@ def _check_choices(name: str, f: dataclasses.Field, value: Any) -> tuple[str, ..
     return tuple(value)
 
 
+def _check_int_choices(name: str, f: dataclasses.Field, value: Any) -> tuple[int, ...]:
+    """A list of distinct integers, each within the field's bounds; empty only with allow_empty."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, (list, tuple)) and not value and f.metadata.get("allow_empty"):
+        return ()
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{name}: expected a list of integers such as [50, 100], got {value!r}")
+    items = tuple(_check_value(name, f, int, v) for v in value)
+    if len(set(items)) != len(items):
+        raise ConfigError(f"{name}: {sorted(v for v in set(items) if items.count(v) > 1)[0]!r} is listed twice")
+    return items
+
+
 def _check_range(name: str, f: dataclasses.Field, typ: Any, value: Any) -> tuple[Any, Any]:
     """A [low, high] pair of numbers (integers for tuple[int, int]), each within the field's bounds."""
     item = typ.__args__[0]
@@ -353,6 +370,8 @@ def _check_range(name: str, f: dataclasses.Field, typ: Any, value: Any) -> tuple
 def _check_value(name: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
     if typ == tuple[str, ...]:
         return _check_choices(name, f, value)
+    if typ == tuple[int, ...]:
+        return _check_int_choices(name, f, value)
     if typ in (tuple[float, float], tuple[int, int]):
         return _check_range(name, f, typ, value)
     if typ is bool:

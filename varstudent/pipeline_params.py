@@ -67,7 +67,7 @@ def pipeline_parameters(params: Params, study: bool = False) -> list[PipelinePar
         value = _lookup(params, key)
         if typ in (int, float, bool, str):
             result.append(PipelineParameter(key.replace(".", "_"), key, typ, value))
-        else:  # tuple[str, ...]
+        else:  # lists: names, [low, high] ranges, sizes
             result.append(PipelineParameter(key.replace(".", "_"), key, str, json.dumps(list(value))))
     names = [p.name for p in result]
     assert len(set(names)) == len(names), "two settings map to the same pipeline parameter name"

@@ -260,6 +260,9 @@ def suggest(trial: optuna.Trial, params: Params) -> dict[str, Any]:
             values[name] = trial.suggest_categorical(name, list(cfg.bsr_norm))
         elif name == "kl_warmup_epochs":
             values[name] = trial.suggest_int(name, *cfg.kl_warmup_epochs)
+        elif name == "batch_size":
+            values[name] = (trial.suggest_categorical(name, list(cfg.batch_size)) if cfg.batch_size
+                            else params.distill.batch_size)
         else:
             values[name] = trial.suggest_float(name, *getattr(cfg, name), log=name in cfg.log_scale)
     return values
@@ -409,5 +412,7 @@ def choose_tradeoff(rows: list[dict[str, Any]], front: list[int], max_accuracy_d
 
 
 def params_for_trial(params: Params, row: dict[str, Any]) -> Params:
+    """`params` with the trial's distill values; a key the trial lacks (a study older than the key) keeps
+    params' value."""
     return dataclasses.replace(params, distill=dataclasses.replace(
-        params.distill, **{name: row[name] for name in TUNABLE}))
+        params.distill, **{name: row[name] for name in TUNABLE if row.get(name) is not None}))
