@@ -337,9 +337,13 @@ def _check_choices(name: str, f: dataclasses.Field, value: Any) -> tuple[str, ..
     unknown = [v for v in value if v not in choices]
     if unknown:
         raise ConfigError(f"{name}: unknown name {unknown[0]!r} (known: {', '.join(choices)})")
-    if len(set(value)) != len(value):
-        raise ConfigError(f"{name}: {sorted(v for v in set(value) if value.count(v) > 1)[0]!r} is listed twice")
-    return tuple(value)
+    return _no_repeats(name, tuple(value))
+
+
+def _no_repeats(name: str, items: tuple[Any, ...]) -> tuple[Any, ...]:
+    if len(set(items)) != len(items):
+        raise ConfigError(f"{name}: {sorted(v for v in set(items) if items.count(v) > 1)[0]!r} is listed twice")
+    return items
 
 
 def _check_int_choices(name: str, f: dataclasses.Field, value: Any) -> tuple[int, ...]:
@@ -350,10 +354,7 @@ def _check_int_choices(name: str, f: dataclasses.Field, value: Any) -> tuple[int
         return ()
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(f"{name}: expected a list of integers such as [50, 100], got {value!r}")
-    items = tuple(_check_value(name, f, int, v) for v in value)
-    if len(set(items)) != len(items):
-        raise ConfigError(f"{name}: {sorted(v for v in set(items) if items.count(v) > 1)[0]!r} is listed twice")
-    return items
+    return _no_repeats(name, tuple(_check_value(name, f, int, v) for v in value))
 
 
 def _check_range(name: str, f: dataclasses.Field, typ: Any, value: Any) -> tuple[Any, Any]:
