@@ -56,6 +56,15 @@ def rows_of(path: Path) -> list[dict]:
     return rows
 
 
+def save_figure(fig, ax, png: Path) -> None:
+    """Legend, layout, PNG at 100 dpi (its folder made), and its path printed."""
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    print(png)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("png", type=Path)
@@ -104,11 +113,7 @@ def main() -> None:
     ax.set_ylabel("test accuracy %")
     ax.set_title(args.title or "accuracy vs compression")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    args.png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.png, dpi=100)
-    print(args.png)
+    save_figure(fig, ax, args.png)
 
 
 if __name__ == "__main__":

@@ -207,3 +207,29 @@ def test_front_plot_versus_prints_each_rows_margin_at_equal_compression(tmp_path
     assert "vs_c: 90.00 % at 31.6x; vs the SVD front at 31.6x: +5.00 points (front 85.00 %)" in done.stdout
     assert "vs_d: 99.00 % at 500.0x; vs the SVD front at 500.0x: outside its range" in done.stdout
     assert (tmp_path / "f.png").is_file()
+
+
+def test_seed_margins_compares_each_seed_with_its_own_front_and_averages(tmp_path: Path) -> None:
+    # seed 0: the front runs 90 % at 10x to 80 % at 100x; seed 1: 92 % to 82 %, so the same VS row (90 % at
+    # 31.6x) is +5 points on seed 0 and +3 on seed 1; vs_far lies outside seed 1's front
+    rows = {"0": [("svd_a", 0.90, 10.0), ("svd_b", 0.80, 100.0), ("vs_c", 0.90, 10 ** 1.5), ("vs_far", 0.80, 90.0)],
+            "1": [("svd_a", 0.92, 10.0), ("svd_b", 0.82, 100.0), ("vs_c", 0.90, 10 ** 1.5), ("vs_far", 0.80, 400.0)]}
+    for seed, entries in rows.items():
+        for row, accuracy, compression in entries:
+            metrics = tmp_path / f"s{seed}" / row / "evaluate" / "metrics.json"
+            metrics.parent.mkdir(parents=True)
+            metrics.write_text(json.dumps({"compact_accuracy": accuracy, "compression_vs_student": compression}))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "seed_margins.py"), str(tmp_path / "m.png"),
+                           "--seed", f"0={tmp_path / 's0'}", "--seed", f"1={tmp_path / 's1'}", "--reference", "^svd",
+                           "--rows", "^vs", "--target", "4", "--json", str(tmp_path / "m.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["margins"]["0"]["vs_c"] == pytest.approx(5.0) and result["margins"]["1"]["vs_c"] == pytest.approx(3.0)
+    assert result["margins"]["1"]["vs_far"] is None
+    assert result["best"] == {"0": pytest.approx(5.0), "1": pytest.approx(3.0)}
+    # averaged: front 91 % at 10x .. 81 % at 100x; vs_c 90 % at 31.6x -> +4
+    assert result["averaged_margins"]["vs_c"] == pytest.approx(4.0)
+    assert "| vs_c | 10.0 at 32×, +5.00 | 10.0 at 32×, +3.00 | +4.00 ± 1.41 |" in done.stdout
+    assert "the best row reaches it on 1 of 2 seeds" in done.stdout
+    assert (tmp_path / "m.png").is_file()
