@@ -54,6 +54,8 @@ def test_committed_params_yaml_is_valid_and_complete() -> None:
     ("tune.batch_size=[50.5]", "tune.batch_size: expected an integer, got 50.5"),
     ("tune.batch_size=big", "tune.batch_size: expected a list of integers such as [50, 100]"),
     ("export.sparse_values=int8", "export.sparse_values: must be one of float32, float16"),
+    ("tune.vd_weight=[0,1]", "tune.vd_weight: low must be > 0 when sampled in log space (tune.log_scale); got 0"),
+    ("tune.grace_period=10", "tune.grace_period (10) must exceed tune.heartbeat_interval (10)"),
 ])
 def test_bad_values_are_one_clear_error(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -46,6 +46,7 @@ def test_two_processes_match_one(even_digits: Path, tmp_path: Path) -> None:
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
         assert r2["train_accuracy"] == pytest.approx(r1["train_accuracy"], abs=1 / 1400)
     assert double["epochs_run"] == single["epochs_run"] == 3
+    assert (single["train_processes"], double["train_processes"]) == (1, 2)  # the group really had two
 
 
 def test_a_worker_error_is_the_stage_error(even_digits: Path, tmp_path: Path) -> None:

@@ -82,6 +82,23 @@ def test_the_right_units_disappear() -> None:
     assert_same_function(net, small, torch.rand(16, 1, 2, 2))
 
 
+def test_removal_repeats_until_a_unit_freed_by_another_removal_goes_too() -> None:
+    # layer-1 unit 0 is read only by layer-2 unit 3, and nobody reads unit 3: dropping unit 3 leaves unit 0
+    # unread, which only a second pass over the layers sees
+    net = build_model(build_spec("mlp-6-5", (1, 2, 2), 3, variational=True))
+    first, second, last = variational_layers(net)
+    keep2 = torch.ones(5, 6, dtype=torch.bool)
+    keep2[:, 0] = False
+    keep2[3, 0] = True
+    keep3 = torch.ones(3, 5, dtype=torch.bool)
+    keep3[:, 3] = False
+    for layer, keep in ((first, torch.ones(6, 4, dtype=torch.bool)), (second, keep2), (last, keep3)):
+        set_keep(layer, keep)
+    small = compact(net)
+    assert [(lay["in"], lay["out"]) for lay in small.spec["layers"]] == [(4, 5), (5, 4), (4, 3)]
+    assert_same_function(net, small, torch.rand(16, 1, 2, 2))
+
+
 def test_a_layer_pruned_to_nothing_still_gives_the_masked_outputs() -> None:
     net = build_model(build_spec("mlp-10-6", (1, 3, 3), 4, variational=True))
     randomly_sparse(net, 0.5)

@@ -82,6 +82,27 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path: Path, caplog) ->
         assert torch.equal(a, b), name
 
 
+def test_a_resumed_run_keeps_counting_calm_epochs_where_it_stopped(tmp_path: Path) -> None:
+    # epoch losses 5, 1, 1, 1, ...: calm from epoch 3 on; with patience 3 the stop comes after epoch 5. The kill
+    # lands in epoch 4, after the checkpoint of epoch 3 (one calm epoch counted, the previous loss 1): a resume
+    # that forgot either would check nothing in epoch 4 and stop only after epoch 7
+    losses = [5.0] + [1.0] * 9
+
+    def scripted(m, logits, targets, index, epoch):
+        loss = logits.sum() * 0 + losses[epoch]
+        return loss, {"ce": loss}
+
+    settings = FitSettings(epochs=10, batch_size=16, lr=0.01, converge_tol=0.01, patience=3, progress=False)
+    model, x, y, _ = _toy_variational()
+    assert fit(model, x, y, scripted, settings).epochs_run == 5
+    ckpt = Checkpointer(tmp_path / "ckpt", 1, {"params_digest": "a"}, "distill")
+    with pytest.raises(_Killed):
+        fit(model, x, y, scripted, settings, _stop_after(3), ckpt)
+    resumed = fit(model, x, y, scripted, settings, checkpoint=ckpt)
+    assert resumed.epochs_run == 5 and resumed.stop_reason.startswith("converged")
+    assert [row["loss"] for row in resumed.history] == pytest.approx(losses[:5])
+
+
 def test_a_checkpoint_of_other_settings_is_never_mixed_in(tmp_path: Path, caplog) -> None:
     model, x, y, loss_fn = _toy_variational()
     with pytest.raises(_Killed):

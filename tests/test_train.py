@@ -46,6 +46,34 @@ def test_warm_up_epochs_do_not_count_towards_convergence() -> None:
     assert fit(model, x, y, _ce, patient).epochs_run == 11  # three calm epochs after the warm-up: 9, 10, 11
 
 
+def _scripted(losses: list[float]):
+    """A loss whose every batch, hence every epoch, is losses[epoch] (with a zero-weight gradient path)."""
+    def loss_fn(m, logits, targets, index, epoch):
+        loss = logits.sum() * 0 + losses[epoch]
+        return loss, {"ce": loss}
+    return loss_fn
+
+
+@pytest.mark.parametrize("losses, epochs_run", [
+    # moves by 10 % an epoch: never calm, runs to the limit
+    ([10.0 * 0.9 ** e for e in range(8)], 8),
+    # calm, a jump, calm again: the jump resets the count, so the stop waits for two calm epochs after it
+    ([1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0], 5),
+    # ~1e4 moving by 50 an epoch: 0.5 % relative change, calm (an absolute test would never stop)
+    ([1e4 + 50 * e for e in range(8)], 3),
+    # ~1e-3 moving by 20 %: an absolute change of ~1e-4 is under the tolerance, the relative one is not
+    ([1e-3 * 1.2 ** e for e in range(8)], 8),
+])
+def test_the_stop_needs_consecutive_epochs_of_small_relative_change(losses: list[float], epochs_run: int) -> None:
+    x, y = _toy()
+    model = build_model(build_spec("mlp-8", (1, 2, 2), 2))
+    settings = FitSettings(epochs=8, batch_size=50, lr=0.01, converge_tol=0.01, patience=2, progress=False)
+    result = fit(model, x, y, _scripted(losses), settings)
+    assert result.epochs_run == epochs_run
+    assert result.stop_reason.startswith("converged") == (epochs_run < 8)
+    assert [row["loss"] for row in result.history] == pytest.approx(losses[:epochs_run])
+
+
 def test_runs_to_the_limit_when_not_converged() -> None:
     x, y = _toy()
     model = build_model(build_spec("mlp-8", (1, 2, 2), 2))

@@ -127,7 +127,7 @@ def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path 
     spec = build_spec(cfg.arch, data.input_shape, data.num_classes, cfg.width, variational=False,
                       dropout=cfg.dropout, input_dropout=cfg.input_dropout)
     model = build_model(spec).to(device)
-    rank, _ = distributed.world()
+    rank, processes = distributed.world()
     if rank:  # each process its own dropout masks and shifts (DDP copies rank 0's initial weights anyway)
         torch.manual_seed(params.seed + rank)
     augment = _shifter("teacher.shift", cfg.shift, data.input_shape)
@@ -153,7 +153,7 @@ def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path 
         checkpoint.clear()
     return _finish(out_dir, {"teacher_accuracy": test_acc, "teacher_weights": weight_count(spec),
                              "epochs_run": result.epochs_run, "train_seconds": result.seconds,
-                             "cuda_graph_epochs": result.cuda_graphs})
+                             "cuda_graph_epochs": result.cuda_graphs, "train_processes": processes})
 
 
 def _shifter(key: str, shift: int, input_shape: tuple[int, int, int]):
