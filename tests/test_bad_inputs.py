@@ -116,6 +116,16 @@ def _prepared_of_other_shape(out: Path) -> None:
                    list(range(10)))
 
 
+def _set_meta(spec: str, key: str, value: str) -> Setup:
+    """Damage: the artifact spec OUT/`spec` records another source in meta[key] (as a stage rerun upstream leaves
+    its old downstream outputs: the weights' sha256 still matches, only the lineage does not)."""
+    def change(out: Path) -> None:
+        doc = json.loads((out / spec).read_text())
+        doc["meta"][key] = value
+        (out / spec).write_text(json.dumps(doc))
+    return _damage(change)
+
+
 # (id, command, extra --set overrides, setup(out, tmp) -> extra CLI args, fragments of the error line)
 Setup = Callable[[Path, Path], list[str]]
 NONE: Setup = lambda out, tmp: []  # noqa: E731
@@ -212,9 +222,22 @@ CASES: list[tuple[str, str, list[str], Setup, tuple[str, ...]]] = [
      ("y_train has labels outside the classes 0..9",)),
     ("teacher-for-other-inputs", "distill", [], _damage(_prepared_of_other_shape),
      ("was trained on inputs of shape [1, 8, 8], the data has [1, 6, 6]",)),
+    ("data-settings-differ", "teacher", ["data.dataset=mnist5k"], NONE,
+     ("the prepared data in", "was made with data.dataset=digits", "the settings say data.dataset=mnist5k",
+      "run `varstudent prepare` with them first")),
+    ("seed-of-a-drawn-split-differs", "distill", ["seed=5"], NONE, ("was made with seed=0; the settings say seed=5",)),
     ("dataset-folder-missing", "prepare", [], lambda out, tmp: ["--set", f"data.dataset=dir:{tmp}/no-such-folder"],
      ("no-such-folder",)),
     # --- artifacts
+    ("teacher-from-other-data", "distill", [], _set_meta("teacher/teacher.json", "data_sha256", "0" * 64),
+     ("the teacher in", "was trained on other prepared data than the current one",
+      "run `varstudent teacher` again")),
+    ("student-from-other-data", "prune", [], _set_meta("distill/student.json", "data_sha256", "0" * 64),
+     ("the student in", "was distilled on other prepared data", "run `varstudent distill` again")),
+    ("student-from-other-teacher", "evaluate", [], _set_meta("distill/student.json", "teacher_sha256", "0" * 64),
+     ("the student in", "was distilled from another teacher", "run `varstudent distill` again")),
+    ("compact-from-other-student", "evaluate", [], _set_meta("prune/compact.json", "student_sha256", "f" * 64),
+     ("the compact student in", "was pruned from another student", "run `varstudent prune` again")),
     ("no-teacher", "distill", [], _damage(lambda out: shutil.rmtree(out / "teacher")),
      ("no teacher found", "run `varstudent teacher` first")),
     ("teacher-weights-missing", "distill", [], _damage(lambda out: (out / "teacher/teacher.safetensors").unlink()),
@@ -305,6 +328,24 @@ def test_bad_input_is_one_clear_error(command: str, overrides: list[str], setup:
     assert not [p for p in out.parent.rglob(".*") if p.name.endswith((".staging", ".retired", ".tmp"))]
 
 
+@pytest.mark.parametrize("overrides,fragment", [
+    (["student.arch=mlp-128"], "must have fewer weights than the teacher"),
+    (["student.arch=mlp-16", "distill.bsr_weight=0.001"], "BSR pairs layers by depth"),
+    (["student.arch=lenet5"], "architecture lenet5 needs larger inputs than 8x8"),
+    (["teacher.source=models:/varstudent-teacher@champion"], "needs tracking.enabled: true"),
+])
+def test_run_refuses_what_the_settings_decide_before_any_stage_replaces_its_outputs(
+        overrides: list[str], fragment: str, finished: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    out = tmp_path / "artifacts"
+    shutil.copytree(finished, out)
+    before = _snapshot(out)
+    started = time.monotonic()
+    result = run_main(["run", "--out", str(out), *_sets(*overrides)], tmp_path, monkeypatch, capsys)
+    assert_clean_error(result, fragment)
+    assert _snapshot(out) == before  # prepare and teacher did not run and replace their folders first
+    assert "prepare" not in result.stderr and time.monotonic() - started < 30
+
+
 def _cases_run(test) -> int:
     """How many cases pytest runs of `test` here: the product of its parametrize lists, 0 when a skipif holds."""
     marks = getattr(test, "pytestmark", [])
@@ -324,7 +365,7 @@ def test_the_catalogue_is_complete() -> None:
                 test_a_full_disk_is_a_clear_error_and_leaves_no_partial_output,
                 test_a_read_only_output_folder_is_a_clear_error]
     # counted from the marks, so a dropped parametrize case or a skip that holds here lowers the count
-    assert len(CASES) + sum(_cases_run(test) for test in services) >= 60
+    assert len(CASES) + sum(_cases_run(test) for test in services) >= 66
 
 
 # --- services and the disk: real subprocesses (a file-size limit, sockets, bounded retry timing)

@@ -130,8 +130,9 @@ def test_prepare_cifar10_and_train_lenet5_on_it(fake_cifar_prepared: Path, tmp_p
     manifest = json.loads((fake_cifar_prepared / "manifest.json").read_text())
     assert manifest["dataset"] == "cifar10" and manifest["input_shape"] == [3, 32, 32]
     assert manifest["n_train"] == 20 and manifest["n_test"] == 10
-    params = load_params(None, ["teacher.arch=lenet5", "teacher.epochs=1", "teacher.batch_size=10",
-                                "runtime.progress=false", "runtime.device=cpu", "tracking.enabled=false"])
+    params = load_params(None, ["data.dataset=cifar10", "teacher.arch=lenet5", "teacher.epochs=1",
+                                "teacher.batch_size=10", "runtime.progress=false", "runtime.device=cpu",
+                                "tracking.enabled=false"])
     stages.teacher(params, fake_cifar_prepared, tmp_path / "teacher")
     spec = read_json(tmp_path / "teacher" / "teacher.json", "teacher spec")["spec"]
     assert spec["input_shape"] == [3, 32, 32] and spec["layers"][0]["in"] == 3

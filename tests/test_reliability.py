@@ -115,6 +115,45 @@ def test_a_checkpoint_of_other_settings_is_never_mixed_in(tmp_path: Path, caplog
     assert "resuming" not in caplog.text and result.epochs_run == 6
 
 
+def test_a_rerun_with_other_settings_keeps_the_old_checkpoint_until_it_saves_its_own(tmp_path: Path,
+                                                                                    caplog) -> None:
+    model, x, y, loss_fn = _toy_variational()
+    with pytest.raises(_Killed):
+        fit(model, x, y, loss_fn, SETTINGS, _stop_after(3), Checkpointer(tmp_path, 1, {"params_digest": "a"}, "t"))
+    other = Checkpointer(tmp_path, 2, {"params_digest": "b"}, "t")  # saves after its second epoch
+    with caplog.at_level(logging.INFO, logger="varstudent"), pytest.raises(_Killed):
+        fit(model, x, y, loss_fn, SETTINGS, _stop_after(1), other)  # killed in its second epoch, before saving
+    assert "starting fresh" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0003.json", "epoch-0003.safetensors"]
+    with pytest.raises(_Killed):
+        fit(model, x, y, loss_fn, SETTINGS, _stop_after(3), other)  # saves epoch 2: the old one goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0002.json", "epoch-0002.safetensors"]
+    assert json.loads((tmp_path / "epoch-0002.json").read_text())["fingerprint"] == {"params_digest": "b"}
+
+
+@pytest.mark.parametrize("loop", ["garbage", {"history": [], "calm_epochs": 0, "seconds": 1.0},
+                                  {"history": [1], "calm_epochs": 0, "previous": None, "seconds": 1.0},
+                                  {"history": [], "calm_epochs": "0", "previous": None, "seconds": 1.0}])
+def test_a_checkpoint_whose_loop_state_is_damaged_is_skipped_for_an_older_one(loop, tmp_path: Path,
+                                                                              caplog) -> None:
+    model, x, y, loss_fn = _toy_variational()
+    ckpt = Checkpointer(tmp_path / "ckpt", 1, {"params_digest": "a"}, "t")
+    with pytest.raises(_Killed):
+        fit(model, x, y, loss_fn, SETTINGS, _stop_after(2), ckpt)
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "older")
+    with pytest.raises(_Killed):  # resumes from epoch 2, saves epoch 3 and drops epoch 2 ...
+        fit(model, x, y, loss_fn, SETTINGS, _stop_after(3), ckpt)
+    for older in (tmp_path / "older").iterdir():  # ... which comes back, as if the newer one were written last
+        shutil.copy(older, tmp_path / "ckpt")
+    newest = tmp_path / "ckpt" / "epoch-0003.json"
+    doc = json.loads(newest.read_text())
+    newest.write_text(json.dumps({**doc, "loop": loop}))  # parseable, and its sha256 covers the tensors only
+    with caplog.at_level(logging.INFO, logger="varstudent"):
+        result = fit(model, x, y, loss_fn, SETTINGS, checkpoint=ckpt)
+    assert "ignoring checkpoint epoch-0003.json (its loop state is damaged" in caplog.text
+    assert "resuming from epoch 2" in caplog.text and result.epochs_run == 6
+
+
 def test_a_damaged_checkpoint_is_ignored_with_a_warning(tmp_path: Path, caplog) -> None:
     model, x, y, loss_fn = _toy_variational()
     ckpt = Checkpointer(tmp_path, 1, {"params_digest": "a"}, "t")

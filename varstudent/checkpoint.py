@@ -96,6 +96,22 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _loop_problem(loop: Any) -> str | None:
+    """What is wrong with a checkpoint's training-loop state (the JSON part, which its sha256 does not cover),
+    or None: the loop reads these fields and their types as it resumes."""
+    if not isinstance(loop, dict):
+        return f"not an object but {type(loop).__name__}"
+    expected = {"history": list, "calm_epochs": int, "previous": (int, float, type(None)), "seconds": (int, float)}
+    for key, kinds in expected.items():
+        if key not in loop:
+            return f"no {key!r}"
+        if not isinstance(loop[key], kinds) or isinstance(loop[key], bool):
+            return f"{key!r} is a {type(loop[key]).__name__}"
+    if not all(isinstance(row, dict) for row in loop["history"]):
+        return "'history' holds something other than objects"
+    return None
+
+
 @dataclass
 class Resumed:
     """What the training loop needs to continue after `epoch` finished epochs."""
@@ -157,19 +173,25 @@ class Checkpointer:
             if doc.get("fingerprint") != self.fingerprint:
                 changed = sorted(k for k in set(self.fingerprint) | set(doc.get("fingerprint") or {})
                                  if (doc.get("fingerprint") or {}).get(k) != self.fingerprint.get(k))
-                log.warning("%s: checkpoint of epoch %d in %s was made with different %s; starting fresh",
-                            self.stage, epoch, self.directory, ", ".join(changed))
-                self.clear()
+                # kept until this run saves its own first checkpoint: an aborted rerun with other settings must
+                # not cost the interrupted run its progress
+                log.warning("%s: checkpoint of epoch %d in %s was made with different %s; starting fresh (it "
+                            "stays until this run saves its first checkpoint)", self.stage, epoch, self.directory,
+                            ", ".join(changed))
                 return None
+            problem = _loop_problem(doc.get("loop"))
+            if problem:
+                log.warning("%s: ignoring checkpoint %s (its loop state is damaged: %s)", self.stage, path.name,
+                            problem)
+                continue
             model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
             try:
                 model.load_state_dict(model_state)
                 _load_optimizer(optimizer, tensors, doc["optimizer"]["param_groups"])
                 set_rng_states(tensors, doc["rng"], generator)
             except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-                log.warning("%s: checkpoint %s does not fit this model (%s); starting fresh", self.stage,
-                            path.name, str(exc).splitlines()[0][:200])
-                self.clear()
+                log.warning("%s: checkpoint %s does not fit this model (%s); starting fresh (it stays until this "
+                            "run saves its first checkpoint)", self.stage, path.name, str(exc).splitlines()[0][:200])
                 return None
             log.info("%s: resuming from epoch %d (checkpoint %s)", self.stage, epoch, path)
             return Resumed(epoch=epoch, loop=doc["loop"])

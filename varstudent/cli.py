@@ -112,9 +112,17 @@ def run(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, out: Path = O
     from varstudent.outputs import out_lock
 
     # one lock for all the stages: no other run mixes its outputs into this one's
+    from varstudent.stages import preflight
+
+    preflight(settings)  # a settings mistake fails now, not after the teacher has trained and replaced its folder
     with out_lock(out), tracker.pipeline():
         for name in STAGES:
             metrics = _call(name, settings, out, tracker)
+            if name == "prepare" and settings.data.dataset.startswith("dir:"):  # its input shape is known now
+                from varstudent.artifacts import read_json
+
+                manifest = read_json(stage_dirs(out)["prepare"] / "manifest.json", "prepared-data manifest")
+                preflight(settings, tuple(manifest["input_shape"]), manifest["num_classes"])
         decision = _call("register", settings, out, tracker) if settings.tracking.enabled else None
     typer.echo(summary_table(metrics))
     if decision:

@@ -105,11 +105,52 @@ def prepare(params: Params, out_dir: Path, report_dir: Path | None = None) -> di
                              "validation_seconds": round(manifest["validation_seconds"], 3)})
 
 
-def _data(data_dir: Path, device: torch.device):
+def _prepared(params: Params, data_dir: Path):
+    """The prepared data, after checking it was made with these settings' `data.*` (and seed where it counts)."""
     from varstudent.data import load_prepared
+    from varstudent.data.prepare import check_shaping_settings
 
     data = load_prepared(data_dir)
+    check_shaping_settings(data.manifest, params.data, params.seed, data_dir)
+    return data
+
+
+def _data(params: Params, data_dir: Path, device: torch.device):
+    data = _prepared(params, data_dir)
     return data, data.x_train.to(device), data.y_train.to(device)
+
+
+def _check_made_from(directory: Path, name: str, key: str, expected: str | tuple[str | None, ...], made: str,
+                     source: str, rerun: str) -> None:
+    """ArtifactError when the artifact NAME in `directory` records (meta[key]) another source than `expected`
+    (or any of them):
+    a stage rerun upstream since, whose outputs the next stages would otherwise mix with stale ones. Artifacts
+    without the record (older ones) pass."""
+    meta = read_json(directory / f"{name}.json", f"{name} spec").get("meta")
+    recorded = meta.get(key) if isinstance(meta, dict) else None
+    accepted = (expected,) if isinstance(expected, str) else expected
+    if isinstance(recorded, str) and recorded not in accepted:
+        expected = accepted[0]
+        label = "compact student" if name == "compact" else name
+        raise ArtifactError(f"the {label} in {directory} was {made} {source} than the current one (sha256 "
+                            f"{recorded[:12]}…, now {expected[:12]}…): run `varstudent {rerun}` again")
+
+
+def _check_teacher_data(teacher_dir: Path, data: Any) -> None:
+    """A trained teacher must come from this prepared data (another split may hold its training images); a
+    registered teacher is reused on new data by design (`teacher.source`)."""
+    metrics = teacher_dir / "metrics.json"
+    if metrics.is_file() and read_json(metrics, "teacher metrics").get("teacher_model_version"):
+        return
+    # a tuning study's trials train on the training split minus its validation share, carved from the data
+    # the teacher learned from (varstudent.tune.carve_validation)
+    accepted = (data.manifest["sha256"], data.manifest.get("carved_from"))
+    _check_made_from(teacher_dir, "teacher", "data_sha256", accepted, "trained on", "other prepared data",
+                     "teacher")
+
+
+def _weights_sha256(directory: Path, name: str) -> str:
+    return read_json(directory / f"{name}.json", f"{name} spec")["sha256"]
 
 
 def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path | None = None) -> dict[str, Any]:
@@ -121,7 +162,7 @@ def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path 
     if cfg.nproc > 1 and not distributed.is_worker():
         return distributed.launch_teacher(params, data_dir, out_dir)
     seed_everything(params.seed, params.runtime.deterministic)
-    data, x, y = _data(data_dir, device)
+    data, x, y = _data(params, data_dir, device)
     if cfg.source != "train":
         return _registered_teacher(params, data, out_dir)
     spec = build_spec(cfg.arch, data.input_shape, data.num_classes, cfg.width, variational=False,
@@ -185,6 +226,45 @@ def _registered_teacher(params: Params, data: Any, out_dir: Path) -> dict[str, A
                              "epochs_run": 0, "train_seconds": 0.0, **source})
 
 
+def _student_spec(params: Params, input_shape, num_classes: int) -> dict[str, Any]:
+    return build_spec(params.student.arch, input_shape, num_classes, params.student.width, variational=True,
+                      threshold=params.prune.threshold)
+
+
+def _check_student_smaller(student_spec: dict[str, Any], teacher_spec: dict[str, Any]) -> None:
+    n_student, n_teacher = weight_count(student_spec), weight_count(teacher_spec)
+    if n_student >= n_teacher:
+        raise ConfigError(f"the student ({student_spec['arch']}, {n_student:,} weights) must have fewer "
+                          f"weights than the teacher ({teacher_spec['arch']}, {n_teacher:,})")
+
+
+def preflight(params: Params, input_shape: tuple[int, ...] | None = None, num_classes: int = 10) -> None:
+    """What `run` can check from the settings alone, before any stage replaces its outputs: the device, a
+    registered teacher's need for tracking, and — where the input shape is known (from the dataset's published
+    layout, or `input_shape` once prepared) — that both architectures fit it, the student is the smaller and
+    BSR can pair their layers. Each stage checks the same again on the real artifacts."""
+    from varstudent.data.sources import expected_layout
+
+    resolve_device(params.runtime.device)
+    if params.teacher.source != "train" and not params.tracking.enabled:
+        raise ConfigError(f"teacher.source: {params.teacher.source} needs tracking.enabled: true")
+    if input_shape is None:
+        layout = expected_layout(params.data.dataset, params.data.test_fraction)
+        if layout.shape is None:  # dir:PATH: known once prepared
+            return
+        input_shape, num_classes = layout.shape, len(layout.classes)
+    student_spec = _student_spec(params, input_shape, num_classes)
+    if params.teacher.source != "train":  # a registered teacher's size is known once fetched
+        return
+    cfg = params.teacher
+    teacher_spec = build_spec(cfg.arch, input_shape, num_classes, cfg.width, variational=False,
+                              dropout=cfg.dropout, input_dropout=cfg.input_dropout)
+    _check_student_smaller(student_spec, teacher_spec)
+    if params.distill.bsr_weight > 0:
+        with torch.device("meta"):  # the layer kinds only: nothing allocated
+            paired_weights(build_model(teacher_spec), build_model(student_spec))
+
+
 def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path,
             checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Train the sparse variational student on CE + teacher hint + VD KL + BSR; resumable from
@@ -193,17 +273,14 @@ def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path,
     if not (teacher_dir / "teacher.json").is_file():
         raise ArtifactError(f"no teacher found in {teacher_dir}: run `varstudent teacher` first")
     seed_everything(params.seed, params.runtime.deterministic)
-    data, x, y = _data(data_dir, device)
+    data, x, y = _data(params, data_dir, device)
     teacher_net = load_model(teacher_dir, "teacher", device)
     if teacher_net.spec["input_shape"] != list(data.input_shape):
         raise ConfigError(f"the teacher in {teacher_dir} was trained on inputs of shape "
                           f"{teacher_net.spec['input_shape']}, the data has {list(data.input_shape)}")
-    spec = build_spec(params.student.arch, data.input_shape, data.num_classes, params.student.width,
-                      variational=True, threshold=params.prune.threshold)
-    n_student, n_teacher = weight_count(spec), weight_count(teacher_net.spec)
-    if n_student >= n_teacher:
-        raise ConfigError(f"the student ({params.student.arch}, {n_student:,} weights) must have fewer "
-                          f"weights than the teacher ({teacher_net.spec['arch']}, {n_teacher:,})")
+    _check_teacher_data(teacher_dir, data)
+    spec = _student_spec(params, data.input_shape, data.num_classes)
+    _check_student_smaller(spec, teacher_net.spec)
     student = build_model(spec).to(device)
     for layer in variational_layers(student):
         layer.train_clip = cfg.train_clip
@@ -259,13 +336,14 @@ def distill(params: Params, data_dir: Path, teacher_dir: Path, out_dir: Path,
                            cuda_graphs=params.runtime.cuda_graphs)
     from varstudent.checkpoint import tensor_sha256
 
-    teacher_sha256 = read_json(teacher_dir / "teacher.json", "teacher spec")["sha256"]
+    teacher_sha256 = _weights_sha256(teacher_dir, "teacher")
     checkpoint = _checkpointer(params, "distill", checkpoint_dir, ("student", "distill"),
                                data_sha256=data.manifest["sha256"], teacher_sha256=teacher_sha256,
                                teacher_logits_sha256=tensor_sha256(teacher_logits)
                                if teacher_logits is not None else "none")
     result = fit(student, x, y, loss_fn, settings, epoch_end, checkpoint, augment)
     save_model(student, out_dir, "student", meta={"teacher_sha256": teacher_sha256,
+                                                  "data_sha256": data.manifest["sha256"],
                                                   "stop_reason": result.stop_reason})
     write_json(out_dir / "history.json", result.history)
     if checkpoint is not None:
@@ -288,12 +366,16 @@ def prune(params: Params, data_dir: Path, student_dir: Path, out_dir: Path) -> d
 
     if not (student_dir / "student.json").is_file():
         raise ArtifactError(f"no student found in {student_dir}: run `varstudent distill` first")
+    # no data-settings check here: prune and evaluate read no `data.*` (KFP passes them none); the lineage
+    # checks below tie their inputs to this prepared data
+    data = load_prepared(data_dir)
+    _check_made_from(student_dir, "student", "data_sha256", data.manifest["sha256"], "distilled on",
+                     "other prepared data", "distill")
     student = load_model(student_dir, "student")
     for layer in variational_layers(student):
         layer.threshold = params.prune.threshold
     student.spec["threshold"] = params.prune.threshold
     compact_net = compact(student)
-    data = load_prepared(data_dir)
     masked_logits, compact_logits = predict_logits(student, data.x_test), predict_logits(compact_net, data.x_test)
     same = (masked_logits.argmax(1) == compact_logits.argmax(1)).float().mean().item()
     max_diff = (masked_logits - compact_logits).abs().max().item()
@@ -301,7 +383,8 @@ def prune(params: Params, data_dir: Path, student_dir: Path, out_dir: Path) -> d
         raise ArtifactError(f"compaction changed the predictions ({100 * (1 - same):.2f}% differ, max logit "
                             f"difference {max_diff:.2e}); this is a bug, please report it")
     save_model(compact_net, out_dir, "compact", meta={"source": "prune", "threshold": params.prune.threshold,
-                                                      "export_format": "compact"})
+                                                      "export_format": "compact",
+                                                      "student_sha256": _weights_sha256(student_dir, "student")})
     cfg = params.export
     # quantized steps keep every test prediction, and every training prediction but near ties (export/quantized.py)
     select = [Selection(data.x_train, cfg.near_tie_margin), Selection(data.x_test)]
@@ -335,6 +418,14 @@ def evaluate(params: Params, data_dir: Path, teacher_dir: Path, student_dir: Pat
     from varstudent.prune import layer_table
 
     data = load_prepared(data_dir)
+    # one lineage: the teacher from this data, the student from this teacher and data, the compact from it
+    _check_teacher_data(teacher_dir, data)
+    _check_made_from(student_dir, "student", "teacher_sha256", _weights_sha256(teacher_dir, "teacher"),
+                     "distilled from", "another teacher", "distill")
+    _check_made_from(student_dir, "student", "data_sha256", data.manifest["sha256"], "distilled on",
+                     "other prepared data", "distill")
+    _check_made_from(compact_dir, "compact", "student_sha256", _weights_sha256(student_dir, "student"),
+                     "pruned from", "another student", "prune")
     teacher_net = load_model(teacher_dir, "teacher")
     student = load_model(student_dir, "student")
     compact_net = load_model(compact_dir, "compact")

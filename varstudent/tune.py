@@ -93,7 +93,8 @@ def carve_validation(params: Params, prepared_dir: Path, out_dir: Path) -> dict[
                                             random_state=params.seed, stratify=y)
     fit_index, val_index = np.sort(fit_index), np.sort(val_index)
     write_prepared(out_dir, f"{source.manifest['dataset']}:tune", x[fit_index], y[fit_index], x[val_index],
-                   y[val_index], list(range(source.num_classes)))
+                   y[val_index], list(range(source.num_classes)),
+                   extra={"carved_from": source.manifest["sha256"]})  # the teacher's data: stages.distill checks
     write_json(origin_file, origin)
     log.info("tuning split: %d train / %d validation samples (stratified, seed %d)", len(fit_index),
              len(val_index), params.seed)

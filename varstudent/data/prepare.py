@@ -14,7 +14,7 @@ import numpy as np
 from varstudent.config import DataConfig, ValidateConfig
 from varstudent.data.prepared import MANIFEST_FILE, read_prepared_arrays, write_prepared
 from varstudent.data.sources import Layout, expected_layout, load_dataset, load_idx_dir
-from varstudent.errors import DataError
+from varstudent.errors import ConfigError, DataError
 
 
 def subset_train(x: np.ndarray, y: np.ndarray, seed: int, train_size: int, fraction: float
@@ -38,6 +38,38 @@ def subset_train(x: np.ndarray, y: np.ndarray, seed: int, train_size: int, fract
         raise DataError(f"cannot draw a stratified subset of {keep} training samples: {e}") from None
     index.sort()
     return x[index], y[index]
+
+
+# datasets whose test split prepare draws itself (test_fraction, seeded); the others ship their own
+_SPLIT_HERE = ("mnist5k", "digits")
+
+
+def shaping_settings(data: DataConfig, seed: int) -> dict[str, Any]:
+    """The settings that decide what `prepare` writes, as recorded in the manifest's `settings`: the seed and
+    the test fraction only where they shape the data (a split drawn here, a subset), so that changing the seed
+    of a full-MNIST run does not call its prepared data stale."""
+    shaping: dict[str, Any] = {"dataset": data.dataset, "train_size": data.train_size, "fraction": data.fraction}
+    if data.dataset in _SPLIT_HERE:
+        shaping["test_fraction"] = data.test_fraction
+    if data.dataset in _SPLIT_HERE or data.train_size or data.fraction < 1.0:
+        shaping["seed"] = seed
+    return shaping
+
+
+def check_shaping_settings(manifest: dict[str, Any], data: DataConfig, seed: int, data_dir: Path) -> None:
+    """ConfigError unless the prepared data in `data_dir` was made with these settings (data written without a
+    record of them, e.g. by `write_prepared` directly, is taken as it is)."""
+    recorded = manifest.get("settings")
+    if not isinstance(recorded, dict):
+        return
+    wanted = shaping_settings(data, seed)
+    differ = [k for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)]
+    if differ:
+        def keys(values: dict[str, Any]) -> str:
+            return ", ".join(f"{'seed' if k == 'seed' else 'data.' + k}={values.get(k, '(not used)')}"
+                             for k in differ)
+        raise ConfigError(f"the prepared data in {data_dir} was made with {keys(recorded)}; the settings say "
+                          f"{keys(wanted)}: run `varstudent prepare` with them first (or fix the settings)")
 
 
 def as_uint8(x: np.ndarray) -> np.ndarray:
@@ -68,7 +100,8 @@ def prepare_dataset(data: DataConfig, validate: ValidateConfig, seed: int, out_d
     n_source = len(y_train)
     x_train, y_train = subset_train(x_train, y_train, seed, data.train_size, data.fraction)
     # no timings in the manifest: identical data must give an identical manifest, or DVC reruns every stage
-    extra = {"source_n_train": n_source, "validation": {"expectations": len(result.checks), "passed": True}}
+    extra = {"source_n_train": n_source, "validation": {"expectations": len(result.checks), "passed": True},
+             "settings": shaping_settings(data, seed)}
     result.write(out_dir)  # before the data: the manifest, written last, marks the whole set complete
     manifest = write_prepared(out_dir, data.dataset, as_uint8(x_train), y_train, as_uint8(x_test), y_test,
                               classes, extra=extra)
