@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import forge_json
 from varstudent.artifacts import load_model, save_model
 from varstudent.errors import ArtifactError
 from varstudent.nn.architectures import build_model, build_spec
@@ -82,9 +83,7 @@ def test_truncated_weights(saved) -> None:
 
 def test_spec_that_does_not_match_the_weights(saved) -> None:
     folder, _ = saved
-    doc = json.loads((folder / "m.json").read_text())
-    doc["spec"]["layers"][-1]["out"] = 7  # a tampered spec: checksum of the weights still matches
-    (folder / "m.json").write_text(json.dumps(doc))
+    forge_json(folder / "m.json", lambda doc: doc["spec"]["layers"][-1].update(out=7))  # digests re-signed
     with pytest.raises(ArtifactError, match="has shape"):
         load_model(folder, "m")
 
@@ -93,14 +92,29 @@ def test_a_spec_asking_for_huge_layers_allocates_nothing(saved) -> None:
     import resource
 
     folder, _ = saved
-    doc = json.loads((folder / "m.json").read_text())
-    doc["spec"]["layers"][0].update({"out": 10**6})  # 4 GB of float32 for this one layer if it were built
-    doc["spec"]["layers"][1].update({"in": 10**6})
-    (folder / "m.json").write_text(json.dumps(doc))
+    def huge(doc: dict) -> None:
+        doc["spec"]["layers"][0].update({"out": 10**6})  # 4 GB of float32 for this one layer if it were built
+        doc["spec"]["layers"][1].update({"in": 10**6})
+
+    forge_json(folder / "m.json", huge)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ArtifactError, match="has shape"):
         load_model(folder, "m")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nothing near 4 GB
+
+
+@pytest.mark.parametrize("edit", [
+    lambda doc: doc["spec"]["layers"][0].update(relu=False),  # loads, runs, and predicts something else
+    lambda doc: doc["meta"].update(teacher_sha256="0" * 64),  # a lineage the next stage would trust
+])
+def test_a_hand_edited_spec_is_refused_by_the_digest_in_the_weights_file(saved, edit) -> None:
+    folder, _ = saved
+    doc = json.loads((folder / "m.json").read_text())
+    edit(doc)
+    (folder / "m.json").write_text(json.dumps(doc, indent=2))
+    with pytest.raises(ArtifactError, match=r"m.json: changed after it was written \(its digest in "
+                                            r"m.safetensors does not match\)"):
+        load_model(folder, "m")
 
 
 def test_missing_tensor(saved, tmp_path: Path) -> None:

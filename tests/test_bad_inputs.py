@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import assert_clean_error, cli
+from tests.conftest import assert_clean_error, cli, forge_json
 
 TINY = ["data.dataset=digits", "tracking.enabled=false", "teacher.arch=mlp-64-64", "teacher.epochs=1",
         "student.arch=mlp-32-16", "distill.epochs=1", "runtime.progress=false", "export.formats=[compact,sparse]"]
@@ -91,6 +91,11 @@ def _truncate(path: Path) -> None:
 
 
 def _edit_json(path: Path, change: Callable[[dict], None]) -> None:
+    forge_json(path, change)
+
+
+def _hand_edit_json(path: Path, change: Callable[[dict], None]) -> None:
+    """An edit without signing the pair again (the format version is checked before the digests)."""
     doc = json.loads(path.read_text())
     change(doc)
     path.write_text(json.dumps(doc))
@@ -117,12 +122,14 @@ def _prepared_of_other_shape(out: Path) -> None:
 
 
 def _set_meta(spec: str, key: str, value: str) -> Setup:
-    """Damage: the artifact spec OUT/`spec` records another source in meta[key] (as a stage rerun upstream leaves
-    its old downstream outputs: the weights' sha256 still matches, only the lineage does not)."""
+    """Damage: the artifact OUT/`spec` records another source in meta[key], as a stage rerun upstream leaves its
+    old downstream outputs: saved again through the library, so that only the lineage is off."""
+    from varstudent.artifacts import load_model, save_model
+
     def change(out: Path) -> None:
-        doc = json.loads((out / spec).read_text())
-        doc["meta"][key] = value
-        (out / spec).write_text(json.dumps(doc))
+        directory, name = (out / spec).parent, Path(spec).stem
+        meta = json.loads((out / spec).read_text())["meta"]
+        save_model(load_model(directory, name), directory, name, meta={**meta, key: value})
     return _damage(change)
 
 
@@ -251,13 +258,16 @@ CASES: list[tuple[str, str, list[str], Setup, tuple[str, ...]]] = [
      ("teacher.safetensors: tensor", "the spec says")),
     ("spec-not-json", "prune", [], _damage(lambda out: (out / "distill/student.json").write_text("not json")),
      ("student.json", "is not valid JSON")),
-    ("spec-other-format", "evaluate", [], _damage(lambda out: _edit_json(
+    ("student-for-other-inputs", "prune", [], _damage(lambda out: _edit_json(
+        out / "distill/student.json", lambda d: d["spec"].update(input_shape=[1, 64, 1]))),
+     ("the student in", "takes inputs of shape [1, 64, 1], the prepared data has [1, 8, 8]",)),
+    ("spec-other-format", "evaluate", [], _damage(lambda out: _hand_edit_json(
         out / "teacher/teacher.json", lambda d: d.update(format_version=7))),
      ("not a varstudent model spec",)),
     ("weights-unparsable", "prune", [], _damage(lambda out: (
         (out / "distill/student.safetensors").write_bytes(b"\xff" * 64),
-        _edit_json(out / "distill/student.json",
-                   lambda d: d.update(sha256=hashlib.sha256(b"\xff" * 64).hexdigest())))),
+        _hand_edit_json(out / "distill/student.json",
+                        lambda d: d.update(sha256=hashlib.sha256(b"\xff" * 64).hexdigest())))),
      ("student.safetensors: unreadable safetensors file",)),
     ("teacher-weights-nan", "distill", [], _damage(lambda out: _resave_safetensors(
         out / "teacher/teacher.safetensors", out / "teacher/teacher.json",
@@ -365,7 +375,7 @@ def test_the_catalogue_is_complete() -> None:
                 test_a_full_disk_is_a_clear_error_and_leaves_no_partial_output,
                 test_a_read_only_output_folder_is_a_clear_error]
     # counted from the marks, so a dropped parametrize case or a skip that holds here lowers the count
-    assert len(CASES) + sum(_cases_run(test) for test in services) >= 66
+    assert len(CASES) + sum(_cases_run(test) for test in services) >= 67
 
 
 # --- services and the disk: real subprocesses (a file-size limit, sockets, bounded retry timing)

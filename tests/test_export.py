@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_clean_error, cli
+from tests.conftest import assert_clean_error, cli, forge_json
 from tests.test_prune import randomly_sparse, set_keep
 from varstudent.artifacts import save_model
 from varstudent.config import EXPORT_FORMATS
@@ -375,9 +375,7 @@ def _rewrite_safetensors(folder: Path, name: str, edit) -> None:
 
 
 def _edit_json(folder: Path, name: str, edit) -> None:
-    doc = json.loads((folder / name).read_text())
-    edit(doc)
-    (folder / name).write_text(json.dumps(doc))
+    forge_json(folder / name, edit)
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -451,6 +449,17 @@ def _set_layer_out(doc, value: int) -> None:
     ("compact_fp16", lambda f: _rewrite_safetensors(f, "compact_fp16", lambda t: t.pop("blocks.0.op.bias")),
      "missing: ['blocks.0.op.bias']"),
     ("compact_fp16", lambda f: _edit_json(f, "compact_fp16.json", lambda d: _set_layer_out(d, 7)), "has shape"),
+    # malformed input shapes once ended in a TypeError or an unpacking error far from the cause
+    ("compact_fp16", lambda f: _edit_json(f, "compact_fp16.json", lambda d: d["spec"].update(input_shape="abc")),
+     "malformed spec (input_shape 'abc' is not [channels, height, width] of positive integers)"),
+    ("compact_fp16", lambda f: _edit_json(f, "compact_fp16.json", lambda d: d["spec"].update(input_shape=[1, 8, 8, 8])),
+     "malformed spec (input_shape [1, 8, 8, 8]"),
+    ("sparse", lambda f: _edit_json(f, "sparse.json", lambda d: d["spec"].update(input_shape=[1.5, 8, 8])),
+     "malformed spec (input_shape [1.5, 8, 8]"),
+    ("onnx", lambda f: _edit_json(f, "onnx.json", lambda d: d["spec"].update(input_shape=None)),
+     "onnx.json: malformed spec (input_shape None"),
+    ("onnx", lambda f: _edit_json(f, "onnx.json", lambda d: d["spec"].update(num_classes=True)),
+     "malformed spec (num_classes True is not a positive integer)"),
 ])
 def test_tampered_exports_are_clear_errors(exported: Path, fmt: str, damage, message: str) -> None:
     damage(exported)

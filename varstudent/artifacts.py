@@ -15,7 +15,7 @@ import torch
 
 from varstudent.errors import ArtifactError
 from varstudent.fileio import atomic_write_bytes, write_json
-from varstudent.nn.architectures import Net, build_model
+from varstudent.nn.architectures import Net, build_model, spec_io_problem
 
 FORMAT_VERSION = 1
 
@@ -53,14 +53,35 @@ def write_tensors(directory: Path, name: str, tensors: dict[str, torch.Tensor], 
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    blob = save(tensors)
+    full = {"format_version": FORMAT_VERSION, **doc, "tensors": {k: list(v.shape) for k, v in tensors.items()}}
+    # the JSON's digest rides in the weights file's header, and the weights' sha256 in the JSON: an edit to
+    # either file (a layer's activation, a recorded lineage) no longer matches the other
+    blob = save(tensors, metadata={DOC_DIGEST_KEY: _doc_digest(full)})
     weights = directory / f"{name}.safetensors"
     atomic_write_bytes(weights, blob)
-    write_json(directory / f"{name}.json", {"format_version": FORMAT_VERSION, **doc,
-                                            "tensors": {k: list(v.shape) for k, v in tensors.items()},
-                                            "sha256": hashlib.sha256(blob).hexdigest()},
+    write_json(directory / f"{name}.json", {**full, "sha256": hashlib.sha256(blob).hexdigest()},
                indent=None if one_line else 2)
     return weights
+
+
+DOC_DIGEST_KEY = "varstudent_json_sha256"
+
+
+def _doc_digest(doc: dict[str, Any]) -> str:
+    """sha256 of the JSON document without its own `sha256` field, in one canonical serialization."""
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _header_metadata(blob: bytes) -> dict[str, Any]:
+    """The `__metadata__` of a safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    try:
+        size = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + size])
+        metadata = header.get("__metadata__") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return {}  # the safetensors reader reports an unreadable file
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def read_tensors(directory: Path, name: str, what: str = "model") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -79,6 +100,10 @@ def read_tensors(directory: Path, name: str, what: str = "model") -> tuple[dict[
     blob = weights.read_bytes()
     if hashlib.sha256(blob).hexdigest() != doc.get("sha256"):
         raise ArtifactError(f"{weights}: checksum does not match its spec (file modified or truncated)")
+    recorded = _header_metadata(blob).get(DOC_DIGEST_KEY)
+    if recorded is not None and recorded != _doc_digest(doc):  # files written before the digest have none
+        raise ArtifactError(f"{directory / (name + '.json')}: changed after it was written (its digest in "
+                            f"{weights.name} does not match)")
     try:
         tensors = load(blob)
     except Exception as exc:  # safetensors raises several kinds (and versions differ) on corrupt input
@@ -107,6 +132,9 @@ def load_model(directory: Path, name: str = "model", device: str | torch.device 
         raise ArtifactError(f"{directory / (name + '.json')}: not a varstudent model spec "
                             f"(format_version {FORMAT_VERSION} expected)")
     weights = directory / f"{name}.safetensors"
+    problem = spec_io_problem(doc["spec"])
+    if problem:
+        raise ArtifactError(f"{directory / (name + '.json')}: malformed spec ({problem})")
     try:
         with torch.device("meta"):  # shapes only: a crafted spec cannot allocate anything before it is checked
             skeleton = build_model(doc["spec"])

@@ -149,6 +149,12 @@ def _check_teacher_data(teacher_dir: Path, data: Any) -> None:
                      "teacher")
 
 
+def _check_input_shape(net: torch.nn.Module, name: str, directory: Path, data: Any) -> None:
+    if net.spec["input_shape"] != list(data.input_shape):
+        raise ArtifactError(f"the {name} in {directory} takes inputs of shape {net.spec['input_shape']}, the "
+                            f"prepared data has {list(data.input_shape)}")
+
+
 def _weights_sha256(directory: Path, name: str) -> str:
     return read_json(directory / f"{name}.json", f"{name} spec")["sha256"]
 
@@ -372,6 +378,7 @@ def prune(params: Params, data_dir: Path, student_dir: Path, out_dir: Path) -> d
     _check_made_from(student_dir, "student", "data_sha256", data.manifest["sha256"], "distilled on",
                      "other prepared data", "distill")
     student = load_model(student_dir, "student")
+    _check_input_shape(student, "student", student_dir, data)
     for layer in variational_layers(student):
         layer.threshold = params.prune.threshold
     student.spec["threshold"] = params.prune.threshold
@@ -429,6 +436,9 @@ def evaluate(params: Params, data_dir: Path, teacher_dir: Path, student_dir: Pat
     teacher_net = load_model(teacher_dir, "teacher")
     student = load_model(student_dir, "student")
     compact_net = load_model(compact_dir, "compact")
+    for net, name, directory in ((teacher_net, "teacher", teacher_dir), (student, "student", student_dir),
+                                 (compact_net, "compact student", compact_dir)):
+        _check_input_shape(net, name, directory, data)
     x, y = data.x_test, data.y_test
     layers = layer_table(student)
     compact_rows = layer_table(compact_net)

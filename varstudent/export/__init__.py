@@ -197,10 +197,15 @@ def load_export(path: str | Path, format: str | None = None, threads: int = 0) -
 @torch.no_grad()
 def _dry_run(model: nn.Module, where: Path) -> None:
     """One zero image through the model: layers whose shapes do not chain are an error now, not at use."""
+    from varstudent.nn.architectures import spec_io_problem
+
     spec = model.spec
+    problem = spec_io_problem(spec)
+    if problem:
+        raise ArtifactError(f"{where}: malformed spec ({problem})")
     try:
         out = model(torch.zeros(1, *spec["input_shape"]))
-    except (RuntimeError, ValueError, IndexError) as exc:
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise ArtifactError(f"{where}: the layers do not fit together ({str(exc).splitlines()[0][:200]})") from None
     if tuple(out.shape) != (1, spec["num_classes"]):
         raise ArtifactError(f"{where}: the model outputs shape {tuple(out.shape)[1:]}, the spec says "

@@ -113,6 +113,11 @@ def load_onnx(directory: Path, threads: int = 0) -> OnnxModel:
             or doc.get("file") != MODEL_FILE or "spec" not in doc:
         raise ArtifactError(f"{directory / SPEC_FILE}: not a varstudent onnx export spec "
                             f"(format_version {FORMAT_VERSION} expected)")
+    from varstudent.nn.architectures import spec_io_problem
+
+    problem = spec_io_problem(doc["spec"])
+    if problem:
+        raise ArtifactError(f"{directory / SPEC_FILE}: malformed spec ({problem})")
     path = directory / MODEL_FILE
     if not path.is_file():
         raise ArtifactError(f"onnx export model not found: {path}")

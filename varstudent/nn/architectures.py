@@ -333,6 +333,21 @@ def run_chain(x: torch.Tensor, blocks, input_index: torch.Tensor | None) -> torc
     return x
 
 
+def spec_io_problem(spec: Any) -> str | None:
+    """What is wrong with a loaded spec's input shape or class count, or None. Specs come from files: a model
+    built from one whose `input_shape` is not three positive integers fails in places far from the cause."""
+    if not isinstance(spec, dict):
+        return f"the spec is a {type(spec).__name__}, not an object"
+    shape, classes = spec.get("input_shape"), spec.get("num_classes")
+    def positive_int(value: Any, most: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= most
+    if not (isinstance(shape, list) and len(shape) == 3 and all(positive_int(d, 1 << 16) for d in shape)):
+        return f"input_shape {shape!r} is not [channels, height, width] of positive integers"
+    if not positive_int(classes, 1 << 20):
+        return f"num_classes {classes!r} is not a positive integer"
+    return None
+
+
 def build_model(spec: dict[str, Any]) -> Net:
     return Net(spec)
 
