@@ -122,11 +122,25 @@ def test_sha256_mismatch_of_a_download_is_a_clear_error(tmp_path: Path) -> None:
     (["--set", "student.arch=resnet50"], "student.arch: unknown name 'resnet50'"),
     (["--set", "data.dataset=imagenet"], "data.dataset: unknown name 'imagenet'"),
     (["--params", "nope.yaml"], "params file not found"),
+    # named explicitly, the usual name must exist too (it once fell back to the built-in defaults silently)
+    (["--params", "params.yaml"], "params file not found: params.yaml"),
+    (["--set", "export.formats=[compact,"], "--set export.formats=[compact,: not valid YAML"),
 ])
 def test_bad_settings_fail_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
     result = cli("run", *args, cwd=tmp_path)
     assert_clean_error(result, message)
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_reading_commands_create_no_store_where_there_is_none(tmp_path: Path) -> None:
+    result = cli("lineage", "varstudent-student@champion", "--set", "tracking.uri=sqlite:///none.db", cwd=tmp_path)
+    assert_clean_error(result, "no MLflow store at none.db: nothing is registered there")
+    result = cli("tune", "report", "--out", "study-out", "--set", "tracking.enabled=false", cwd=tmp_path)
+    assert_clean_error(result, "no study storage at", "study.db: run `varstudent tune` with this --out first")
+    result = cli("data", "fetch", "--set", f"data.dataset=dir:{tmp_path}/no-such-folder",
+                 "--set", f"data.raw_dir={tmp_path}/raw", cwd=tmp_path)
+    assert_clean_error(result, "no-such-folder: dataset folder not found")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no none.db, no study-out/, no raw/sources.json
 
 
 def test_distill_without_a_teacher(tmp_path: Path) -> None:

@@ -73,6 +73,21 @@ def test_overrides_are_read_as_yaml_and_win_over_the_file(tmp_path: Path) -> Non
     assert isinstance(load_params(None, ["distill.lr=1"]).distill.lr, float)
 
 
+def test_a_key_given_twice_in_a_params_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("distill:\n  epochs: 2\nteacher:\n  epochs: 1\ndistill:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: not valid YAML \(line 5\): duplicate key 'distill'"):
+        load_params(path)  # plain YAML keeps the last: the first distill section would vanish
+    path.write_text("distill:\n  epochs: 2\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="duplicate key 'epochs'"):
+        load_params(path)
+
+
+def test_a_number_for_a_string_setting_is_that_string() -> None:
+    assert load_params(None, ["kfp.cpu_request=2"]).kfp.cpu_request == "2"
+    assert load_params(None, ["kfp.cpu_request=0.5"]).kfp.cpu_request == "0.5"
+
+
 def test_unreadable_files_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "missing.yaml")

@@ -362,6 +362,16 @@ def test_bad_tune_settings_and_an_unreachable_storage_are_one_line_errors(tmp_pa
     assert_clean_error(refused, "Optuna storage postgresql+psycopg://u:***@127.0.0.1")
     assert "secret" not in refused.stderr
     assert not (tmp_path / "artifacts").exists()  # failed before preparing data or training a teacher
+    for command in ("report", "best"):  # no storage at all: said so, and none created (it once made an empty one)
+        missing = cli("tune", command, "--study", "typo", "--set", "tracking.enabled=false", cwd=tmp_path)
+        assert_clean_error(missing, "no study storage at", "run `varstudent tune` with this --out first")
+        assert not (tmp_path / "artifacts").exists()
+    (tmp_path / "artifacts" / "tune").mkdir(parents=True)  # a storage holding no study of that name
+    import optuna
+
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'artifacts/tune/study.db'}", study_name="other")
     for command in ("report", "best"):
         typo = cli("tune", command, "--study", "typo", "--set", "tracking.enabled=false", cwd=tmp_path)
-        assert_clean_error(typo, "no study 'typo' in this storage")
+        assert_clean_error(typo, "no study 'typo' in this storage (it holds: other)")
+    folder = cli("tune", "best", "--to", str(tmp_path), "--set", "tracking.enabled=false", cwd=tmp_path)
+    assert_clean_error(folder, f"--to {tmp_path} is a folder; name the params file to write")

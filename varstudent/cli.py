@@ -28,7 +28,8 @@ app.add_typer(tune_app, name="tune")
 
 STAGES = ("prepare", "teacher", "distill", "prune", "evaluate")
 
-ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file (every setting lives here)")
+ParamsOpt = typer.Option(None, "--params", help="params file (every setting lives here) [default: ./params.yaml "
+                         "if there is one, else the built-in defaults]")
 SetOpt = typer.Option(None, "--set", help="override one setting, e.g. --set distill.epochs=5 (repeatable)")
 OutOpt = typer.Option(Path("artifacts"), "--out", help="artifacts root; each stage uses OUT/<stage>/")
 
@@ -38,11 +39,14 @@ def stage_dirs(out: Path) -> dict[str, Path]:
     return {name: out / name for name in (*STAGES, "register")}
 
 
-def _load(params_file: Path, overrides: list[str] | None):
+def _load(params_file: Path | None, overrides: list[str] | None):
+    """The settings: `--params FILE` (which must exist), else ./params.yaml where there is one, else the
+    built-in defaults (a fresh folder runs the documented default job)."""
     from varstudent.config import load_params
 
-    default = params_file == Path("params.yaml") and not params_file.exists()
-    return load_params(None if default else params_file, overrides or [])
+    if params_file is None:
+        params_file = Path("params.yaml") if Path("params.yaml").is_file() else None
+    return load_params(params_file, overrides or [])
 
 
 def _call(name: str, params, out: Path, tracker=None) -> dict[str, Any]:

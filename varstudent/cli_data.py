@@ -9,7 +9,8 @@ import typer
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                        help="Datasets: fetch raw files; check data with the validation suite `prepare` runs.")
 
-ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file (every setting lives here)")
+ParamsOpt = typer.Option(None, "--params", help="params file (every setting lives here) [default: ./params.yaml "
+                         "if there is one, else the built-in defaults]")
 SetOpt = typer.Option(None, "--set", help="override one setting, e.g. --set validate.max_class_ratio=3")
 
 

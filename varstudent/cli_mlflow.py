@@ -11,7 +11,8 @@ app = typer.Typer()
 
 
 @app.command("register")
-def register_command(params: Path = typer.Option(Path("params.yaml"), "--params", help="params file"),
+def register_command(params: Path = typer.Option(None, "--params",
+                                                 help="params file [default: ./params.yaml if there is one]"),
                      set_: list[str] | None = typer.Option(None, "--set", help="override one setting (repeatable)"),
                      out: Path = typer.Option(Path("artifacts"), "--out", help="artifacts root")) -> None:
     """Register the compact student; `champion` only if it passes the gate in register.*, else `challenger`."""
@@ -25,7 +26,8 @@ def register_command(params: Path = typer.Option(Path("params.yaml"), "--params"
 @app.command("lineage")
 def lineage_command(model: str = typer.Argument(..., metavar="MODEL@ALIAS",
                                                 help="e.g. varstudent-student@champion or NAME/VERSION"),
-                    params: Path = typer.Option(Path("params.yaml"), "--params", help="params file (tracking.uri)"),
+                    params: Path = typer.Option(None, "--params", help="params file (tracking.uri) "
+                                                "[default: ./params.yaml if there is one]"),
                     set_: list[str] | None = typer.Option(None, "--set", help="override one setting"),
                     json_: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Where a registered version came from: dataset digest, git commit, params, teacher version, stage runs."""

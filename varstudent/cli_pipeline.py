@@ -23,7 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run the five stages as one Kubeflow pipeline: locally, on a cluster, on a schedule.")
 
 # the same options as the stage commands (varstudent.cli imports this module, so they are not imported from it)
-ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file (every setting lives here)")
+ParamsOpt = typer.Option(None, "--params", help="params file (every setting lives here) [default: ./params.yaml "
+                         "if there is one, else the built-in defaults]")
 SetOpt = typer.Option(None, "--set", help="override one setting, e.g. --set distill.epochs=5 (repeatable)")
 OutOpt = typer.Option(Path("artifacts"), "--out", help="artifacts root; the compiled pipeline goes to OUT/kfp/")
 HostOpt = typer.Option(..., "--host", help="KFP API endpoint, e.g. http://localhost:8080 (port-forwarded "

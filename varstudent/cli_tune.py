@@ -23,7 +23,8 @@ tune_app = typer.Typer(add_completion=False, help="Multi-objective Optuna study 
 
 log = logging.getLogger("varstudent")
 
-ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file; the study reads its `tune` section")
+ParamsOpt = typer.Option(None, "--params", help="params file; the study reads its `tune` section "
+                         "[default: ./params.yaml if there is one, else the built-in defaults]")
 SetOpt = typer.Option(None, "--set", help="override one setting, e.g. --set tune.n_trials=40 (repeatable)")
 OutOpt = typer.Option(Path("artifacts"), "--out", help="artifacts root; the study uses OUT/prepare and OUT/tune/")
 StorageOpt = typer.Option(None, "--storage", help="Optuna storage (overrides tune.storage): postgresql://..., "
@@ -48,6 +49,12 @@ class _Session:
         self.params, self.out = params, out
         self.tracker, self.parent_run_id = None, None
         self.url = tune.storage_url(params, out)
+        if must_exist and self.url.startswith("sqlite:///") and not Path(self.url[len("sqlite:///"):]).is_file():
+            # opening it would create an empty database where the study was expected
+            from varstudent.errors import ConfigError
+
+            raise ConfigError(f"no study storage at {self.url[len('sqlite:///'):]}: run `varstudent tune` with "
+                              "this --out first, or pass --storage")
         storage = tune.open_storage(params, self.url, self.log_stale_trial)
         self.study = tune.open_study(params, storage, worker_index, must_exist)
         if params.tracking.enabled:
@@ -140,15 +147,15 @@ def write_best(settings, out: Path, max_accuracy_drop: float, to: Path) -> tuple
     return chosen, best
 
 
-def _spawn_workers(n: int, first_index: int, params_file: Path, overrides: list[str], out: Path, url: str,
+def _spawn_workers(n: int, first_index: int, params_file: Path | None, overrides: list[str], out: Path, url: str,
                    study_name: str, teacher_dir: Path) -> list[subprocess.Popen]:
     """N child `varstudent tune` processes on this machine, the CPU cores split between them."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     procs = []
     for index in range(first_index, first_index + n):
-        cmd = [sys.executable, "-m", "varstudent.cli", "tune", "--params", str(params_file), "--out", str(out),
-               "--storage", url, "--study", study_name, "--teacher", str(teacher_dir),
+        cmd = [sys.executable, "-m", "varstudent.cli", "tune", *(["--params", str(params_file)] if params_file else []),
+               "--out", str(out), "--storage", url, "--study", study_name, "--teacher", str(teacher_dir),
                "--worker-index", str(index), "--no-report"]
         for text in overrides:
             cmd += ["--set", text]
@@ -223,4 +230,8 @@ def best_command(params: Path = ParamsOpt, set_: list[str] | None = SetOpt, out:
     its settings as a params file for `varstudent run --params` / `dvc exp run`."""
     settings = _settings(params, set_, storage, study)
     drop = settings.tune.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop
+    if to.is_dir():  # the atomic write would otherwise name its temporary file in the error
+        from varstudent.errors import ConfigError
+
+        raise ConfigError(f"--to {to} is a folder; name the params file to write, e.g. {to / 'best_params.yaml'}")
     write_best(settings, out, drop, to)

@@ -394,6 +394,8 @@ def _check_value(name: str, f: dataclasses.Field, typ: Any, value: Any) -> Any:
         if isinstance(value, dict) and len(value) == 1 and None in value.values():  # YAML read `dir:` as a key
             raise ConfigError(f"{name}: expected a string, got {next(iter(value))}: with nothing after the "
                               "colon (e.g. dir:PATH needs its PATH)")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # `--set kfp.cpu_request=2` reads as YAML's integer 2: the string was meant
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
     meta = f.metadata
@@ -442,9 +444,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set expects section.key=value, got {text!r}")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
+    except yaml.YAMLError as exc:
+        if value.strip().startswith(("[", "{")):  # meant as a list or mapping: say why it is not one
+            problem = getattr(exc, "problem", None) or "unreadable"
+            raise ConfigError(f"--set {text}: not valid YAML ({problem})") from None
+        parsed = value  # e.g. a path with a colon: the setting's own check decides
     return key.strip().split("."), parsed
+
+
+def _unique_keys_loader():
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error: plain YAML keeps the last,
+    so a second `distill:` section would silently drop the first whole."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: list = []
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                            key_node.start_mark)
+                seen.append(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
 
 
 def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
@@ -457,13 +481,19 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"params file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loader = _unique_keys_loader()(path.read_text(encoding="utf-8"))  # a SafeLoader: no object tags
+            try:
+                loaded = loader.get_single_data()
+            finally:
+                loader.dispose()
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a UTF-8 text file (a params file is YAML)") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}") from None
+            problem = getattr(exc, "problem", None) or ""
+            detail = f": {problem}" if problem.startswith("duplicate key") else ""
+            raise ConfigError(f"{path}: not valid YAML{where}{detail}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         raw = loaded or {}

@@ -250,6 +250,8 @@ def fetch_raw(name: str, raw_dir: Path) -> list[Path]:
     if name == "fashion-mnist":
         folder = fetch_fashion_mnist(raw_dir)
         return [folder / fname for fname in FASHION_MNIST_SHA256]
+    if name.startswith("dir:") and not Path(name[4:]).expanduser().is_dir():
+        raise DataError(f"{Path(name[4:]).expanduser()}: dataset folder not found")  # a typo, not 0 files
     return []
 
 
