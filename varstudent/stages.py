@@ -122,10 +122,9 @@ def _data(params: Params, data_dir: Path, device: torch.device):
 
 def _check_made_from(directory: Path, name: str, key: str, expected: str | tuple[str | None, ...], made: str,
                      source: str, rerun: str) -> None:
-    """ArtifactError when the artifact NAME in `directory` records (meta[key]) another source than `expected`
-    (or any of them):
-    a stage rerun upstream since, whose outputs the next stages would otherwise mix with stale ones. Artifacts
-    without the record (older ones) pass."""
+    """ArtifactError when the artifact NAME in `directory` records (meta[key]) a source other than `expected`
+    (or than each of several): a stage was rerun upstream since, and the next stages would mix its new outputs
+    with this stale one. Artifacts without the record (older ones) pass."""
     meta = read_json(directory / f"{name}.json", f"{name} spec").get("meta")
     recorded = meta.get(key) if isinstance(meta, dict) else None
     accepted = (expected,) if isinstance(expected, str) else expected
