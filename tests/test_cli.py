@@ -140,7 +140,9 @@ def test_reading_commands_create_no_store_where_there_is_none(tmp_path: Path) ->
     result = cli("data", "fetch", "--set", f"data.dataset=dir:{tmp_path}/no-such-folder",
                  "--set", f"data.raw_dir={tmp_path}/raw", cwd=tmp_path)
     assert_clean_error(result, "no-such-folder: dataset folder not found")
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no none.db, no study-out/, no raw/sources.json
+    result = cli("register", "--set", "tracking.enabled=false", cwd=tmp_path)
+    assert_clean_error(result, "register needs tracking.enabled: true")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no none.db, study-out/, raw/sources.json, artifacts/
 
 
 def test_distill_without_a_teacher(tmp_path: Path) -> None:

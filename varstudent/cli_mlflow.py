@@ -17,8 +17,11 @@ def register_command(params: Path = typer.Option(None, "--params",
                      out: Path = typer.Option(Path("artifacts"), "--out", help="artifacts root")) -> None:
     """Register the compact student; `champion` only if it passes the gate in register.*, else `challenger`."""
     from varstudent.cli import _call, _load
+    from varstudent.registry import require_tracking
 
-    decision = _call("register", _load(params, set_), out)
+    settings = _load(params, set_)
+    require_tracking(settings)  # before the artifacts folder is locked (and so created)
+    decision = _call("register", settings, out)
     typer.echo(f"{decision['model']} version {decision['version']}: {decision['alias']}"
                + (f" ({decision['failed_rule']})" if decision.get("failed_rule") else ""))
 

@@ -262,8 +262,7 @@ def register_student(params: Params, dirs: dict[str, Path], out_dir: Path) -> di
     from varstudent.prune import nonzero_weights
     from varstudent.train import accuracy
 
-    if not params.tracking.enabled:
-        raise ConfigError("register needs tracking.enabled: true (it writes to the MLflow model registry)")
+    require_tracking(params)
     if not (dirs["prune"] / "compact.json").is_file():
         raise ArtifactError(f"no compact student in {dirs['prune']}: run `varstudent prune` first")
     data = load_prepared(dirs["prepare"])
@@ -310,6 +309,11 @@ def register_student(params: Params, dirs: dict[str, Path], out_dir: Path) -> di
                 "previous_champion_accuracy": champion_scores and champion_scores.accuracy}
     write_json(out_dir / "decision.json", decision)
     return decision
+
+
+def require_tracking(params: Params) -> None:
+    if not params.tracking.enabled:
+        raise ConfigError("register needs tracking.enabled: true (it writes to the MLflow model registry)")
 
 
 def lineage(params: Params, reference: str) -> dict[str, Any]:
