@@ -160,7 +160,10 @@ def test_lineage_prints_where_the_champion_came_from(tracked: dict[str, Any]) ->
         assert f"{stage:<10}{run_id}  FINISHED" in result.stdout
     missing = cli("lineage", "varstudent-student@nope", "--set", f"tracking.uri={tracked['uri']}",
                   cwd=tracked["root"])
-    assert_clean_error(missing, "varstudent-student@nope")
+    assert_clean_error(missing, "models:/varstudent-student@nope: the registered model varstudent-student has no "
+                                "alias 'nope' (its aliases: champion)")
+    unknown = cli("lineage", "nosuchmodel@champion", "--set", f"tracking.uri={tracked['uri']}", cwd=tracked["root"])
+    assert_clean_error(unknown, "no registered model models:/nosuchmodel@champion")
 
 
 def _worse_copy(out: Path, dest: Path) -> Path:

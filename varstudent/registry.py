@@ -126,8 +126,22 @@ def get_version(client: Any, uri: str) -> Any:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            raise ArtifactError(f"no registered model {uri} in {client.tracking_uri}") from None
+            raise ArtifactError(_not_found(client, uri, name, alias, version)) from None
         raise
+
+
+def _not_found(client: Any, uri: str, name: str, alias: str | None, version: str | None) -> str:
+    """Which part of a models:/ reference the store lacks: the model, or only that alias or version of it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        return f"no registered model {uri} in {client.tracking_uri}"
+    if alias:
+        aliases = ", ".join(sorted(model.aliases or {})) or "none"
+        return f"{uri}: the registered model {name} has no alias {alias!r} (its aliases: {aliases})"
+    return f"{uri}: the registered model {name} has no version {version}"
 
 
 def download_model(client: Any, version: Any, name: str, dest: Path) -> Path:
