@@ -49,12 +49,15 @@ class _Session:
         self.params, self.out = params, out
         self.tracker, self.parent_run_id = None, None
         self.url = tune.storage_url(params, out)
-        if must_exist and self.url.startswith("sqlite:///") and not Path(self.url[len("sqlite:///"):]).is_file():
+        from varstudent.services import sqlite_file
+
+        database = sqlite_file(self.url)
+        if must_exist and database is not None and not database.is_file():
             # opening it would create an empty database where the study was expected
             from varstudent.errors import ConfigError
 
-            raise ConfigError(f"no study storage at {self.url[len('sqlite:///'):]}: run `varstudent tune` with "
-                              "this --out first, or pass --storage")
+            raise ConfigError(f"no study storage at {database}: run `varstudent tune` with this --out first, or "
+                              "pass --storage")
         storage = tune.open_storage(params, self.url, self.log_stale_trial)
         self.study = tune.open_study(params, storage, worker_index, must_exist)
         if params.tracking.enabled:

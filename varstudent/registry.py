@@ -333,11 +333,11 @@ def require_tracking(params: Params) -> None:
 def lineage(params: Params, reference: str) -> dict[str, Any]:
     """Everything recorded about one registered version: tags, the params of its run, each stage's run."""
     uri = reference if reference.startswith("models:/") else f"models:/{reference}"
-    store = params.tracking.uri
-    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).is_file():
-        # connecting would create an empty store in its place
-        raise ConfigError(f"no MLflow store at {store[len('sqlite:///'):]}: nothing is registered there "
-                          "(check tracking.uri)")
+    from varstudent.services import sqlite_file
+
+    store = sqlite_file(params.tracking.uri)
+    if store is not None and not store.is_file():  # connecting would create an empty store in its place
+        raise ConfigError(f"no MLflow store at {store}: nothing is registered there (check tracking.uri)")
     with service_errors(params.tracking.uri, f"reading {uri}"):
         client = connect(params)
         version = get_version(client, uri)

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from varstudent.errors import ServiceError
@@ -29,6 +30,11 @@ def redact(uri: str) -> str:
         return uri
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URI (PATH absolute after a fourth slash), else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def _scheme(uri: str) -> str:

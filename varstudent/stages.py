@@ -105,18 +105,14 @@ def prepare(params: Params, out_dir: Path, report_dir: Path | None = None) -> di
                              "validation_seconds": round(manifest["validation_seconds"], 3)})
 
 
-def _prepared(params: Params, data_dir: Path):
-    """The prepared data, after checking it was made with these settings' `data.*` (and seed where it counts)."""
+def _data(params: Params, data_dir: Path, device: torch.device):
+    """The prepared data, after checking it was made with these settings' `data.*` (and seed where it counts),
+    and its training split on `device`."""
     from varstudent.data import load_prepared
     from varstudent.data.prepare import check_shaping_settings
 
     data = load_prepared(data_dir)
     check_shaping_settings(data.manifest, params.data, params.seed, data_dir)
-    return data
-
-
-def _data(params: Params, data_dir: Path, device: torch.device):
-    data = _prepared(params, data_dir)
     return data, data.x_train.to(device), data.y_train.to(device)
 
 
@@ -170,8 +166,7 @@ def teacher(params: Params, data_dir: Path, out_dir: Path, checkpoint_dir: Path 
     data, x, y = _data(params, data_dir, device)
     if cfg.source != "train":
         return _registered_teacher(params, data, out_dir)
-    spec = build_spec(cfg.arch, data.input_shape, data.num_classes, cfg.width, variational=False,
-                      dropout=cfg.dropout, input_dropout=cfg.input_dropout)
+    spec = _teacher_spec(params, data.input_shape, data.num_classes)
     model = build_model(spec).to(device)
     rank, processes = distributed.world()
     if rank:  # each process its own dropout masks and shifts (DDP copies rank 0's initial weights anyway)
@@ -231,6 +226,12 @@ def _registered_teacher(params: Params, data: Any, out_dir: Path) -> dict[str, A
                              "epochs_run": 0, "train_seconds": 0.0, **source})
 
 
+def _teacher_spec(params: Params, input_shape, num_classes: int) -> dict[str, Any]:
+    cfg = params.teacher
+    return build_spec(cfg.arch, input_shape, num_classes, cfg.width, variational=False, dropout=cfg.dropout,
+                      input_dropout=cfg.input_dropout)
+
+
 def _student_spec(params: Params, input_shape, num_classes: int) -> dict[str, Any]:
     return build_spec(params.student.arch, input_shape, num_classes, params.student.width, variational=True,
                       threshold=params.prune.threshold)
@@ -261,9 +262,7 @@ def preflight(params: Params, input_shape: tuple[int, ...] | None = None, num_cl
     student_spec = _student_spec(params, input_shape, num_classes)
     if params.teacher.source != "train":  # a registered teacher's size is known once fetched
         return
-    cfg = params.teacher
-    teacher_spec = build_spec(cfg.arch, input_shape, num_classes, cfg.width, variational=False,
-                              dropout=cfg.dropout, input_dropout=cfg.input_dropout)
+    teacher_spec = _teacher_spec(params, input_shape, num_classes)
     _check_student_smaller(student_spec, teacher_spec)
     if params.distill.bsr_weight > 0:
         with torch.device("meta"):  # the layer kinds only: nothing allocated

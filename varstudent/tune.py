@@ -175,8 +175,10 @@ def open_storage(params: Params, url: str,
 
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(url))
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    from varstudent.services import sqlite_file
+
+    if (database := sqlite_file(url)) is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
         engine = {"connect_args": {"timeout": 60}}  # several local workers wait for the file lock
     else:
         engine = {"pool_pre_ping": True}
